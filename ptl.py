@@ -1,0 +1,536 @@
+"""The Prune-Tune Loop (PTL): Algorithm 1 of "Gradually Compacting Large Language Models for Reasoning
+Like a Boiling Frog". Each round scores FFN neurons (Eq. 3-4) or decoder layers (Eq. 5-6) on reasoning
+sequences, removes the most redundant ones physically, recovers (`--recovery`), and saves OUT/round_<t>/:
+an ordinary Hugging Face checkpoint plus ptl_record.json. Re-running the same command resumes.
+
+Choices, against the paper and the authors' released code (github.com/Arrebol-logos/PTL):
+1. Uniform widths. Eq. 4 keeps every neuron under sigma, a different count per layer, but an HF config (and
+   vLLM) holds one intermediate_size. So a round removes the same k neurons from every layer, each layer
+   its own lowest-scoring ones: k = --neuron-step x the original width, or with --sigma-neuron the smallest
+   per-layer count under sigma (then every removed neuron satisfies Eq. 4). The released code also removes
+   a fixed k (1000) per layer and round.
+2. |Act|. Eq. 4 reads Act <= sigma; we take max |Act| over tokens, because removing neuron j changes the
+   FFN output by Act_j * W_down[:, j], whose norm is |Act_j| * ||W_down[:, j]|| (Eq. 3's proportionality).
+   `--neuron-rule released` reproduces the released code instead (signed, last token; see released_scores).
+3. "For all x" = every non-padding token of every calibration sequence for neurons (a max), and the mean over
+   tokens for layers (Eq. 6; the per-token max would be decided by attention-sink tokens).
+4. Layers are scored (Eq. 5, or ShortGPT's Block Influence) and removed by count (--layer-step) or by
+   --sigma-layer; the authors picked layers by hand. A round removes one kind: neurons first (Table 3).
+5. --target-ratio counts all parameters (the paper's 8B -> 5B); the neuron budget is solved exactly from
+   the layer budget so the final model lands on the target.
+
+    python ptl.py --rounds 2                                  # default model, offline data, CPU
+    torchrun --nproc_per_node 2 ptl.py --rounds 2             # 2 processes: gloo on CPU, NCCL on GPUs
+    torchrun --nproc_per_node 8 ptl.py --model meta-llama/Meta-Llama-3-8B --layer-target 2 \\
+        --calib-data AI-MO/NuminaMath-CoT,meta-math/MetaMathQA --out out/llama3
+"""
+from __future__ import annotations
+
+import copy
+import math
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from ptl_common import (DEFAULT_MODEL, all_reduce_, cleanup_dist, count_params, finished_rounds, human, is_main,
+                        load_model, load_record, load_rows, load_texts, make_batches, parse_config, print0,
+                        save_checkpoint, setup_dist)
+
+# ----------------------------------------------------------------------------- accessors
+# The only model-specific knowledge in PTL: where the decoder layers are, and what their FFN is.
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """model.model.layers for Llama, Qwen2/3, Gemma2, Mistral, ... (the base model's `layers`)."""
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise _unsupported(model, "it has no decoder-layer list at model.model.layers")
+    return layers
+
+
+def ffn(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """(gate_proj, up_proj, down_proj) of a decoder layer whose MLP is down(act(gate x) * up x)."""
+    parts = tuple(getattr(getattr(layer, "mlp", None), n, None) for n in ("gate_proj", "up_proj", "down_proj"))
+    if not all(isinstance(p, nn.Linear) for p in parts):
+        raise _unsupported(layer, "its layers have no mlp.gate_proj/up_proj/down_proj Linear modules")
+    return parts
+
+
+def _unsupported(module: nn.Module, why: str) -> ValueError:
+    kind = getattr(getattr(module, "config", None), "model_type", type(module).__name__)
+    return ValueError(f"unsupported architecture {kind!r}: {why}. PTL prunes gated FFNs "
+                      "down_proj(act_fn(gate_proj x) * up_proj x) (Llama, Qwen2/3, Gemma2, Mistral, ...); "
+                      "GPT-2-style MLPs, fused gate_up_proj and MoE experts are not supported.")
+
+
+def check_supported(model: nn.Module) -> None:
+    for layer in decoder_layers(model):
+        ffn(layer)
+
+
+# ----------------------------------------------------------------------------- equations (pure)
+
+
+def neuron_score(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 3-4 statistic: s_j = max_x |Act_j(x)|, Act(x) = act_fn(W_gate x) * (W_up x), over real tokens x.
+
+    act (B, T, I) is the input of down_proj (that is Act itself); mask (B, T) bool.  -> (I,) fp32"""
+    lo, hi = torch.aminmax(act[mask], dim=0)  # (N, I) -> (I,), (I,): one read, no |act| copy
+    return torch.maximum(hi, -lo).float()
+
+
+def redundant_neurons(s: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Eq. 4: R_N = {N : Act^N(x) <= sigma_neuron for all x}, as a bool mask over scores s (L, I)."""
+    return s <= sigma
+
+
+def uniform_count(s: torch.Tensor, sigma: float) -> int:
+    """k = min_l |R_N^l|: the most neurons every layer can lose while all removed ones are in Eq. 4's R_N."""
+    return int(redundant_neurons(s, sigma).sum(dim=1).min())
+
+
+def layer_change(h: torch.Tensor, f_h: torch.Tensor) -> torch.Tensor:
+    """Eq. 5: ||f_l(h_{l-1}) - h_{l-1}||_2 per token. h, f_h (B, T, d) -> (B, T) fp32"""
+    return (f_h.float() - h.float()).norm(dim=-1)
+
+
+def block_influence(h: torch.Tensor, f_h: torch.Tensor) -> torch.Tensor:
+    """ShortGPT (Men et al., 2024, Eq. 1): BI_l = 1 - cos(h_{l-1}, f_l(h_{l-1})) per token. -> (B, T) fp32"""
+    return 1 - F.cosine_similarity(h.float(), f_h.float(), dim=-1)
+
+
+def redundant_layers(s: torch.Tensor, sigma: float) -> list[int]:
+    """Eq. 6: R_L = {l : ||f_l(h) - h||_2 <= sigma_layer}, over layer scores s (L,)."""
+    return (s <= sigma).nonzero().flatten().tolist()
+
+
+def lowest(s: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k lowest scores; ties go to the lower index (stable sort)."""
+    return torch.sort(s, stable=True).indices[:k]
+
+
+def released_scores(counts: torch.Tensor, n: int, lang: torch.Tensor | None = None, n_lang: int = 0) -> torch.Tensor:
+    """The authors' released rule as a score (lower = pruned first), (L, 3, I) counts -> (L, I).
+
+    Per layer, for each part p in {gate_proj output, up_proj output, Act}: C_p = the neurons in the bottom-n
+    of the *signed* values at the last token of every math sample (intersection), G_p = those in the
+    top-n of every general-text sample ("language neurons"). Candidates = U_p (C_p \\ G_p); the code removes
+    the k lowest *indices* among them. Here counts[l, p, j] = #samples with j in part p's bottom-n, and
+    score_j = min_p (n - counts), +inf where j is in G_p: candidates score 0, so a stable sort removes the
+    lowest candidate indices first, as released. With fewer than k candidates the next neurons are those in
+    the bottom-n of the most samples (the released code would fail to load the model instead)."""
+    s = (n - counts).float()
+    if lang is not None and n_lang > 0:
+        s[lang == n_lang] = math.inf
+    return s.amin(dim=1)
+
+
+def protect_top(s: torch.Tensor, general: torch.Tensor, frac: float) -> torch.Tensor:
+    """Language protection for Eq. 4 scores: each layer's top `frac` neurons by their general-text score
+    are never pruned (score +inf). s, general (L, I)."""
+    n = int(frac * s.shape[1])
+    return s.scatter(1, general.topk(n, dim=1).indices, math.inf) if n else s
+
+
+# ----------------------------------------------------------------------------- calibration passes
+
+
+@torch.no_grad()
+def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: str | None = "distance",
+               top_n: float = 0.84, largest: bool = False) -> dict:
+    """One forward per batch through the base model (scores never need the LM head), with hooks.
+
+    Returns {"neuron": (L, I) Eq. 4 maxima | (L, 3, I) released-rule counts, "layer": (L,) token means of
+    Eq. 5 or BI, "samples", "tokens"}, combined over torchrun ranks (MAX for maxima, SUM otherwise), so
+    every rank gets identical scores. Memory is O(L * I), independent of the number of tokens."""
+    layers = decoder_layers(model)
+    L, I = len(layers), ffn(layers[0])[0].out_features
+    dev = next(model.parameters()).device
+    n_top = max(1, int(top_n * I))
+    neu = torch.zeros((L, I) if neuron_rule == "eq4" else (L, 3, I), device=dev)
+    lay = torch.zeros(L, dtype=torch.float64, device=dev)
+    count = torch.zeros(2, dtype=torch.float64, device=dev)  # (sequences, tokens)
+    st: dict = {}
+    metric = {"distance": layer_change, "bi": block_influence}.get(layer_rule)
+
+    def eq4_hook(l):
+        def fn(mod, args):
+            torch.maximum(neu[l], neuron_score(args[0], st["mask"]), out=neu[l])
+        return fn
+
+    def released_hook(l, p):  # p: 0 = gate_proj output, 1 = up_proj output, 2 = Act (down_proj input)
+        def count_last(v):  # v (B, T, I): signed values at each sequence's last real token
+            m = st["mask"]
+            x = v[torch.arange(v.shape[0], device=dev), m.sum(1) - 1].float()  # (B, I)
+            neu[l, p] += torch.bincount(x.topk(n_top, dim=-1, largest=largest).indices.flatten(), minlength=I)
+        return (lambda mod, args: count_last(args[0])) if p == 2 else (lambda mod, args, out: count_last(out))
+
+    def layer_in(l):
+        def fn(mod, args, kwargs):
+            st[l] = args[0] if args else kwargs["hidden_states"]  # h_{l-1} (B, T, d)
+        return fn
+
+    def layer_out(l):
+        def fn(mod, args, kwargs, out):
+            f_h = out[0] if isinstance(out, tuple) else out  # f_l(h_{l-1}) (B, T, d)
+            lay[l] += metric(st.pop(l), f_h)[st["mask"]].sum()
+        return fn
+
+    handles = []
+    for l, layer in enumerate(layers):
+        gate, up, down = ffn(layer)
+        if neuron_rule == "eq4":
+            handles.append(down.register_forward_pre_hook(eq4_hook(l)))
+        elif neuron_rule == "released":
+            handles += [gate.register_forward_hook(released_hook(l, 0)), up.register_forward_hook(released_hook(l, 1)),
+                        down.register_forward_pre_hook(released_hook(l, 2))]
+        if metric is not None:
+            handles += [layer.register_forward_pre_hook(layer_in(l), with_kwargs=True),
+                        layer.register_forward_hook(layer_out(l), with_kwargs=True)]
+    try:
+        for b in tqdm(batches, desc="calibration", disable=not is_main(), leave=False):
+            b = {k: v.to(dev) for k, v in b.items()}
+            st["mask"] = b["attention_mask"].bool()
+            count += torch.tensor([len(st["mask"]), st["mask"].sum()], dtype=torch.float64, device=dev)
+            model.base_model(**b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    all_reduce_(neu, "max" if neuron_rule == "eq4" else "sum")
+    all_reduce_(lay)
+    all_reduce_(count)
+    if not (neu.isfinite().all() and lay.isfinite().all()):  # NaN would sort last and be silently kept
+        raise FloatingPointError("the model produced NaN/inf activations on the calibration data; "
+                                 "scores would be meaningless (try --dtype float32, or check the checkpoint)")
+    return {"neuron": neu, "layer": (lay / count[1].clamp(min=1)).float(),
+            "samples": int(count[0]), "tokens": int(count[1])}
+
+
+def neuron_scores(model, batches, *, rule: str = "eq4", top_n: float = 0.84) -> list[torch.Tensor]:
+    """Per decoder layer, an (intermediate_size,) score; lower = more redundant. rule: "eq4" (Eq. 3-4,
+    max |Act| over every real token) or "released" (the authors' code, see released_scores)."""
+    r = score_pass(model, batches, neuron_rule=rule, layer_rule=None, top_n=top_n)
+    return list(r["neuron"] if rule == "eq4" else released_scores(r["neuron"], r["samples"]))
+
+
+def layer_scores(model, batches, *, rule: str = "distance") -> torch.Tensor:
+    """(num_layers,) mean over real tokens of Eq. 5 ("distance") or ShortGPT's Block Influence ("bi")."""
+    return score_pass(model, batches, neuron_rule=None, layer_rule=rule)["layer"]
+
+
+# ----------------------------------------------------------------------------- surgery
+
+
+@torch.no_grad()
+def prune_neurons(model: nn.Module, keep: list[torch.Tensor]) -> None:
+    """Keep only neurons keep[l] of layer l's FFN (rows of gate/up, columns of down), in place.
+
+    keep: per layer a 1-D LongTensor of indices, all of one length (config.intermediate_size follows)."""
+    layers = decoder_layers(model)
+    width = ffn(layers[0])[0].out_features
+    if len(keep) != len(layers):
+        raise ValueError(f"keep has {len(keep)} entries for {len(layers)} layers")
+    if len({len(k) for k in keep}) != 1:
+        raise ValueError("every layer must keep the same number of neurons (an HF config has one intermediate_size)")
+    if len(keep[0]) == 0:
+        raise ValueError("refusing to remove every neuron of every layer: keep at least one")
+    for l, k in enumerate(keep):
+        if k.unique().numel() != k.numel() or k.min() < 0 or k.max() >= width:
+            raise ValueError(f"keep[{l}] must hold distinct indices in [0, {width})")
+    for layer, k in zip(layers, keep):
+        for lin, dim in zip(ffn(layer), (0, 0, 1)):  # gate/up: output rows; down: input columns
+            k = k.to(lin.weight.device)
+            lin.weight = nn.Parameter(lin.weight.index_select(dim, k), lin.weight.requires_grad)
+            if dim == 0 and lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias[k], lin.bias.requires_grad)
+            setattr(lin, "out_features" if dim == 0 else "in_features", len(k))
+    model.config.intermediate_size = len(keep[0])
+
+
+PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")  # config lists with one entry per decoder layer
+
+
+@torch.no_grad()
+def drop_layers(model: nn.Module, drop: list[int]) -> None:
+    """Remove decoder layers `drop` (current numbering) in place; renumber layer_idx (the KV cache slot of
+    each attention) and shrink the config's per-layer lists so sliding/full attention stays with its layer."""
+    layers, cfg = decoder_layers(model), model.config
+    L, drop = len(layers), sorted({int(i) for i in drop})
+    if any(i < 0 or i >= L for i in drop):
+        raise ValueError(f"layer indices {drop} out of range [0, {L})")
+    if len(drop) >= L:
+        raise ValueError(f"refusing to remove all {L} layers: keep at least one")
+    unknown = [k for k, v in cfg.to_dict().items()
+               if "layer" in k and isinstance(v, list) and len(v) == L and k not in PER_LAYER_CONFIG]
+    if unknown:
+        raise ValueError(f"do not know how to update config.{unknown} when dropping layers; please report this")
+    kept = [i for i in range(L) if i not in drop]
+    model.base_model.layers = nn.ModuleList(layers[i] for i in kept)
+    for new_i, layer in enumerate(model.base_model.layers):
+        for m in layer.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = new_i
+    for k in PER_LAYER_CONFIG:
+        if getattr(cfg, k, None) is not None:
+            setattr(cfg, k, [getattr(cfg, k)[i] for i in kept])
+    if isinstance(getattr(cfg, "max_window_layers", None), int):  # Qwen: layers below it use full attention
+        cfg.max_window_layers = sum(i < cfg.max_window_layers for i in kept)
+    cfg.num_hidden_layers = len(kept)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class Config:
+    """Prune-Tune Loop (Algorithm 1): score, remove, recover, save - round after round."""
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m (offline), a checkpoint dir or a hub name"})
+    out: str = field(default="out/ptl", metadata={"help": "writes OUT/round_<t>/; re-running resumes"})
+    calib_data: str = field(default="offline", metadata={
+        "help": "comma-separated: offline | .jsonl/.parquet | hub names (paper: AI-MO/NuminaMath-CoT,meta-math/MetaMathQA)"})
+    calib_samples: int = 128
+    max_length: int = 512
+    batch_size: int = 8
+    order: Literal["neu-lay", "lay-neu", "alternate"] = field(default="neu-lay", metadata={"help": "Table 3"})
+    rounds: int = field(default=0, metadata={"help": "max rounds T (0: until the targets are met)"})
+    target_ratio: float = field(default=0.4, metadata={"help": "fraction of all parameters to remove (0: no size target)"})
+    layer_target: int = field(default=0, metadata={"help": "layers to remove in all (counted in --target-ratio)"})
+    neuron_step: float = field(default=0.05, metadata={"help": "neurons per layer and round, fraction of the original width (Fig. 4)"})
+    layer_step: int = field(default=1, metadata={"help": "layers per layer-round"})
+    sigma_neuron: float | None = field(default=None, metadata={"help": "Eq. 4 threshold; sets k per round instead of --neuron-step"})
+    sigma_layer: float | None = field(default=None, metadata={"help": "Eq. 6 threshold; sets the layers per round"})
+    neuron_rule: Literal["eq4", "released"] = "eq4"
+    layer_rule: Literal["distance", "bi"] = field(default="distance", metadata={"help": "Eq. 5, or ShortGPT's Block Influence"})
+    released_top_n: float = field(default=0.84, metadata={"help": "released rule: bottom/top-n as a width fraction (12000/14336)"})
+    protect_data: str = field(default="", metadata={"help": "general-text corpus whose strongly active neurons are never pruned"})
+    protect_samples: int = field(default=0, metadata={"help": "lines of --protect-data to probe (0: all)"})
+    protect_frac: float = field(default=0.1, metadata={"help": "eq4 rule: protect each layer's top fraction on --protect-data"})
+    recovery: Literal["none", "cpt", "grpo", "cpt+grpo"] = field(default="none", metadata={
+        "help": "Algorithm 1 lines 9-10 after each round: recover.py (cpt), grpo.py, or both in that order"})
+    cpt_flags: str = field(default="", metadata={
+        "help": "recover.py flags for every round, e.g. '--data AI-MO/NuminaMath-CoT,meta-math/MetaMathQA --samples 100000 --lr 4e-6'; "
+                "--samples is texts per round: round t trains on rows (t-1)*samples .. t*samples"})
+    grpo_flags: str = field(default="", metadata={
+        "help": "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 --max-response-length 3000'; "
+                "round t uses prompts (t-1)*samples .. t*samples (the authors' 10 parts of math12k)"})
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.neuron_step <= 1 or not 0 <= self.target_ratio < 1 or not 0 < self.released_top_n < 1:
+            raise ValueError("need 0 < --neuron-step <= 1, 0 <= --target-ratio < 1 and 0 < --released-top-n < 1")
+        if self.layer_step < 1 or self.layer_target < 0 or not 0 <= self.protect_frac < 1:
+            raise ValueError("need --layer-step >= 1, --layer-target >= 0 and 0 <= --protect-frac < 1")
+        if not (self.rounds or self.target_ratio or self.sigma_neuron is not None or self.sigma_layer is not None):
+            raise ValueError("nothing bounds the loop: give --rounds, --target-ratio or a sigma threshold")
+
+
+RESUMABLE = {"rounds", "device"}  # flags that may change between a run and its resumption
+
+
+def neuron_budget(model, cfg: Config) -> int | None:
+    """Neurons per layer to remove in all: solved exactly so that after --layer-target layers go, the model
+    has <= (1 - target_ratio) of its parameters. None = no size target (rounds or sigma bound the loop)."""
+    if not cfg.target_ratio:
+        return None
+    layers = decoder_layers(model)
+    gate, up, down = ffn(layers[0])
+    L, I = len(layers), gate.out_features
+    per_neuron = gate.in_features + up.in_features + down.out_features + (gate.bias is not None) + (up.bias is not None)
+    per_layer = sum(p.numel() for p in layers[0].parameters())
+    P = count_params(model)["total"]
+    rest, L_end = P - L * per_layer, L - cfg.layer_target
+    if L_end < 1:
+        raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
+    width = math.floor(((1 - cfg.target_ratio) * P - rest - L_end * (per_layer - I * per_neuron)) / (L_end * per_neuron))
+    if width < 1:
+        raise ValueError(f"--target-ratio {cfg.target_ratio} is out of reach: it would remove every FFN neuron")
+    return max(0, I - width)
+
+
+def next_kind(order: str, t: int, left: dict) -> str | None:
+    """The kind of round t (1-based) given what is left; None when nothing is."""
+    can = {k: v is None or v > 0 for k, v in left.items()}
+    first = {"neu-lay": "neurons", "lay-neu": "layers", "alternate": "neurons" if t % 2 else "layers"}[order]
+    second = "layers" if first == "neurons" else "neurons"
+    return first if can[first] else second if can[second] else None
+
+
+def resume_or_start(cfg: Config, d) -> tuple:
+    """(model, tokenizer, state) after the last finished round in OUT, or the dense model and a fresh state.
+
+    state: round, dense (shape and size), left (neurons per layer / layers still to remove; None = unbounded),
+    kept_layers and kept_neurons (the original indices of what the current model holds)."""
+    out = Path(cfg.out)
+    dtype = "float32" if cfg.recovery != "none" and cfg.dtype == "auto" else cfg.dtype  # training: fp32 masters
+    done = finished_rounds(out)
+    if done:
+        rec = load_record(out / f"round_{done[-1]}")
+        changed = {k: (v, getattr(cfg, k)) for k, v in rec["config"].items() if k not in RESUMABLE and getattr(cfg, k) != v}
+        if changed:
+            raise ValueError(f"{out} holds a run made with other settings {changed} (old, new); "
+                             "repeat its flags to resume, or use another --out")
+        model, tok = load_model(str(out / f"round_{done[-1]}"), dtype=dtype, device=d.device)
+        check_supported(model)
+        print0(f"resuming {out} after round {done[-1]}")
+        return model, tok, {k: rec[k] for k in ("round", "dense", "left", "kept_layers", "kept_neurons")}
+    model, tok = load_model(cfg.model, dtype=dtype, device=d.device)
+    check_supported(model)
+    L, I = model.config.num_hidden_layers, model.config.intermediate_size
+    if cfg.layer_target >= L:
+        raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
+    left = {"neurons": neuron_budget(model, cfg), "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
+    dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I}
+    return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
+                        "kept_neurons": [list(range(I)) for _ in range(L)]}
+
+
+def round_scores(model, calib, protect, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """(neuron (L, I), layer (L,)) scores of the current model, lower = more redundant, with protection."""
+    r = score_pass(model, calib, neuron_rule=cfg.neuron_rule, layer_rule=cfg.layer_rule, top_n=cfg.released_top_n)
+    if cfg.neuron_rule == "eq4":
+        s = r["neuron"]
+        if protect is not None:
+            s = protect_top(s, score_pass(model, protect, layer_rule=None)["neuron"], cfg.protect_frac)
+    else:
+        g = score_pass(model, protect, neuron_rule="released", layer_rule=None, top_n=cfg.released_top_n,
+                       largest=True) if protect is not None else {"neuron": None, "samples": 0}
+        s = released_scores(r["neuron"], r["samples"], g["neuron"], g["samples"])
+    return s.cpu(), r["layer"].cpu()
+
+
+def score_summary(s_neu: torch.Tensor, s_lay: torch.Tensor, k: int) -> dict:
+    """Per layer min / median / max neuron score, and the effective sigma: the largest of the k removed."""
+    fin = s_neu.masked_fill(s_neu.isinf(), float("nan"))
+    return {"neuron_min": fin.nan_to_num(math.inf).amin(1).tolist(), "neuron_median": fin.nanmedian(1).values.tolist(),
+            "neuron_max": fin.nan_to_num(-math.inf).amax(1).tolist(),
+            "sigma_neuron_effective": torch.sort(s_neu, 1).values[:, k - 1].tolist() if k else None,
+            "layer": s_lay.tolist()}
+
+
+def recover_round(model, tok, cfg: Config, t: int, work: Path):
+    """Algorithm 1 lines 9-10: continual pre-training (recover.py) and/or GRPO (grpo.py) of the just-pruned
+    model, in that order, each on round t's own slice of its data (the paper partitions its corpora so that
+    no round repeats data). -> (model, {"cpt": summary, "grpo": summary})"""
+    import grpo
+    import recover
+
+    summaries = {}
+    for kind in cfg.recovery.split("+"):
+        module = {"cpt": recover, "grpo": grpo}[kind]
+        rc = parse_config(module.Config, shlex.split(getattr(cfg, f"{kind}_flags")))
+        if not rc.samples:
+            raise ValueError(f"--recovery {kind} needs a data size per round: --{kind}-flags '--samples N ...'")
+        rc = replace(rc, out=str(work / kind), data_offset=(t - 1) * rc.samples, device=cfg.device)
+        if kind == "cpt":
+            data = load_texts(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset)
+        else:
+            data = [grpo.question_answer(r, w) for w, r in
+                    load_rows(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset, check=grpo.question_answer)]
+        result = module.train(model, tok, data, rc)
+        model = result.pop("model")
+        summaries[kind] = {"data": rc.data, "rows": [rc.data_offset, rc.data_offset + rc.samples], **result}
+    return model, summaries
+
+
+def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict):
+    """What the next round removes: per layer the indices of k neurons, or a list of layers; None when a
+    sigma threshold finds nothing redundant. Refuses (before any change) to remove every neuron or layer."""
+    t, left = state["round"] + 1, state["left"][kind]
+    if kind == "neurons":
+        L, I = s_neu.shape
+        step = max(1, round(cfg.neuron_step * state["dense"]["intermediate_size"]))
+        k = uniform_count(s_neu, cfg.sigma_neuron) if cfg.sigma_neuron is not None else step
+        k = k if left is None else min(k, left)
+        if k >= I:
+            raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --sigma-neuron or --target-ratio")
+        removed = [lowest(s_neu[l], k) for l in range(L)]
+        if any(s_neu[l, r].isinf().any() for l, r in enumerate(removed)):
+            raise ValueError(f"round {t} must remove {k} neurons per layer, but a layer has fewer unprotected ones")
+        return removed if k else None
+    L = len(s_lay)
+    n = len(redundant_layers(s_lay, cfg.sigma_layer)) if cfg.sigma_layer is not None else cfg.layer_step
+    n = n if left is None else min(n, left)
+    if n >= L:
+        raise ValueError(f"round {t} would remove all {L} layers; lower --sigma-layer")
+    return sorted(lowest(s_lay, n).tolist()) if n else None
+
+
+def apply_removal(model, kind: str, what, state: dict) -> dict:
+    """Remove `what` from the model and from the state's bookkeeping; the round's record (original numbering)."""
+    kl, kn = state["kept_layers"], state["kept_neurons"]
+    if kind == "neurons":
+        I = len(kn[0])
+        keep = [torch.tensor(sorted(set(range(I)) - set(r.tolist()))) for r in what]
+        rec = {"removed_neurons": {kl[l]: sorted(kn[l][j] for j in r.tolist()) for l, r in enumerate(what)},
+               "removed_layers": [], "neurons_per_layer": len(what[0])}
+        prune_neurons(model, keep)
+        state["kept_neurons"] = [[kn[l][j] for j in k.tolist()] for l, k in enumerate(keep)]
+    else:
+        rec = {"removed_neurons": {}, "removed_layers": [kl[i] for i in what], "neurons_per_layer": 0}
+        drop_layers(model, what)
+        state["kept_layers"] = [x for i, x in enumerate(kl) if i not in what]
+        state["kept_neurons"] = [x for i, x in enumerate(kn) if i not in what]
+    if state["left"][kind] is not None:
+        state["left"][kind] -= len(what[0]) if kind == "neurons" else len(what)
+    state["round"] += 1
+    return rec
+
+
+def main(cfg: Config) -> dict:
+    d = setup_dist(cfg.device)
+    out = Path(cfg.out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".round_*.tmp-*"):  # left by a killed run; never a finished round
+            shutil.rmtree(stale, ignore_errors=True)
+    model, tok, state = resume_or_start(cfg, d)
+
+    def shard(spec: str, n: int) -> list[dict]:  # each rank scores its own batches; score_pass combines them
+        texts = load_texts(spec, n=n, seed=cfg.seed)
+        return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
+
+    calib = shard(cfg.calib_data, cfg.calib_samples)
+    protect = shard(cfg.protect_data, cfg.protect_samples) if cfg.protect_data else None
+    records, P0 = [], state["dense"]["params"]["total"]
+    while (kind := next_kind(cfg.order, state["round"] + 1, state["left"])) and not (cfg.rounds and state["round"] >= cfg.rounds):
+        t0, before = time.time(), count_params(model)
+        s_neu, s_lay = round_scores(model, calib, protect if kind == "neurons" else None, cfg)
+        what = removal(kind, s_neu, s_lay, cfg, state)
+        if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma: this kind is done
+            state["left"][kind] = 0
+            continue
+        rec = apply_removal(model, kind, what, state)
+        work = out / f".recovery_round_{state['round']}"  # resumable recovery state; removed once the round is saved
+        if cfg.recovery != "none":
+            model, rec["recovery"] = recover_round(model, tok, cfg, state["round"], work)
+        after = count_params(model)
+        rec.update(copy.deepcopy(state), kind=kind, params_before=before, params_after=after,
+                   scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]), time_s=time.time() - t0, config=asdict(cfg))
+        save_checkpoint(out / f"round_{rec['round']}", model, tok, json_files={"ptl_record.json": rec},
+                        tensors={"scores.safetensors": {"neuron_scores": s_neu, "layer_scores": s_lay}},
+                        copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
+        if d.main:
+            shutil.rmtree(work, ignore_errors=True)
+        records.append(rec)
+        print0(f"round {rec['round']} | {kind} -{rec['neurons_per_layer'] or len(rec['removed_layers'])} | width "
+               f"{model.config.intermediate_size} | layers {model.config.num_hidden_layers} | params "
+               f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s")
+    final = count_params(model)
+    result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
+              "params": final, "removed_ratio": 1 - final["total"] / P0, "records": records}
+    cleanup_dist()
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

