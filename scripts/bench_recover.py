@@ -1,0 +1,137 @@
+"""recover.py against Hugging Face `Trainer` on the same model, packed blocks *in the same order*, batch,
+length, lr schedule and number of steps: tokens per second, the loss of both step by step, and peak memory.
+Each trainer runs in its own subprocess, alternated A B A B, so ratios are measured side by side on a noisy
+machine. No warmup: HF's schedule spends its first warmup update at lr 0, ours does not.
+
+    python scripts/bench_recover.py                          # SmolLM2-135M, CPU, offline data
+    python scripts/bench_recover.py --steps 12 --repeats 3
+"""
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import torch  # noqa: E402
+
+from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
+
+
+@dataclass
+class Config:
+    """Benchmark recover.py against transformers.Trainer (tokens/s, loss, peak memory)."""
+    model: str = DEFAULT_MODEL
+    samples: int = 512
+    max_length: int = 256
+    global_batch: int = 8
+    micro_batch: int = 4
+    steps: int = 8
+    lr: float = 1e-4
+    seed: int = 0
+    repeats: int = 2
+    worker: str = ""  # internal: "ours" or "trainer" runs one side and prints JSON
+
+
+def blocks(cfg: Config):
+    import recover
+    from ptl_common import load_model, load_texts
+
+    model, tok = load_model(cfg.model, dtype="float32", device="cpu")
+    texts = load_texts("offline", n=cfg.samples, seed=0)
+    docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
+    return model, tok, texts, recover.pack(docs, cfg.max_length, tok.pad_token_id)
+
+
+def run_ours(cfg: Config) -> dict:
+    import recover
+
+    model, tok, texts, _ = blocks(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        rc = recover.Config(out=out, max_length=cfg.max_length, global_batch=cfg.global_batch, lr=cfg.lr,
+                            micro_batch=cfg.micro_batch, max_steps=cfg.steps, warmup_ratio=0.0, seed=cfg.seed)
+        recover.train(model, tok, texts, rc)
+        rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return {"step_s": [cfg.global_batch * cfg.max_length / r["tokens_per_s"] for r in rows],
+            "loss": [r["loss"] for r in rows]}
+
+
+def run_trainer(cfg: Config) -> dict:
+    import datasets
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from torch.utils.data import SequentialSampler
+
+    model, tok, _, data = blocks(cfg)
+    order = torch.randperm(len(data["input_ids"]), generator=torch.Generator().manual_seed(cfg.seed))  # recover.py's
+    ds = datasets.Dataset.from_dict({k: v[order].tolist() for k, v in data.items()})
+
+    class InOrder(Trainer):  # the blocks in recover.py's order, so the two see the same batches
+        def _get_train_sampler(self, *a, **k):
+            return SequentialSampler(self.train_dataset)
+    times, losses = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t)
+
+        def on_log(self, args, state, control, logs=None, **k):
+            if logs and "loss" in logs:
+                losses.append(logs["loss"])
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=cfg.micro_batch,
+            gradient_accumulation_steps=cfg.global_batch // cfg.micro_batch, learning_rate=cfg.lr,
+            lr_scheduler_type="cosine", warmup_steps=0, max_steps=cfg.steps,
+            weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
+            use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
+        InOrder(model=model, args=args, train_dataset=ds, callbacks=[Clock()]).train()
+    return {"step_s": times, "loss": losses}
+
+
+def main(cfg: Config) -> dict:
+    if cfg.worker:
+        res = {"ours": run_ours, "trainer": run_trainer}[cfg.worker](cfg)
+        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print("RESULT " + json.dumps(res))
+        return res
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("worker", "repeats")]
+    runs = {"ours": [], "trainer": []}
+    for _ in range(cfg.repeats):
+        for side in runs:
+            p = subprocess.run([sys.executable, __file__, *flags, f"--worker={side}"], capture_output=True, text=True)
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")
+            runs[side].append(json.loads(line[0][7:]))
+    tokens = cfg.global_batch * cfg.max_length
+    res = {}
+    for side, rs in runs.items():  # the first step holds one-off costs (allocation, warm caches): skip it
+        res[side] = {"tokens_per_s": tokens / statistics.median(s for r in rs for s in r["step_s"][1:]),
+                     "loss": rs[0]["loss"],
+                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+    o, t = res["ours"], res["trainer"]
+    print(f"model {cfg.model} | {cfg.steps} steps of {cfg.global_batch} x {cfg.max_length} tokens "
+          f"(micro {cfg.micro_batch}) | {cfg.repeats} runs each, alternated")
+    for side, r in res.items():
+        print(f"  {side:8s} tokens/s {r['tokens_per_s']:.0f} | peak RSS {r['peak_rss_mb']:.0f} MB | loss per step "
+              + " ".join(f"{x:.4f}" for x in r["loss"]))
+    gap = max(abs(a - b) for a, b in zip(o["loss"], t["loss"]))
+    print(f"recover.py / Trainer: {o['tokens_per_s'] / t['tokens_per_s']:.3f}x tokens/s, "
+          f"peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.3f}x, largest loss gap over the steps {gap:.2e}")
+    return res
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))
