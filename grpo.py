@@ -13,7 +13,9 @@ constant, weight decay 1e-2, KL coef 1e-2, clip 0.2 / 0.3, dual clip 3, rollout 
    verl's "token-mean", the authors' setting; not the original GRPO's mean of per-response means.
 3. Advantages use the unbiased std (as verl and TRL) and eps 1e-6; a constant group gets exactly 0.
 4. A prompt's whole group is generated and scored on one rank, so group statistics need no all-gather.
-   Sampling is seeded per (seed, step, prompt); with --gen-batch 1 rollouts do not depend on the world size.
+   Sampling is seeded per generate call. By default one call samples all of a rank's prompts (1.7x faster
+   generation than one call per prompt on SmolLM2, scripts/bench_grpo.py); with --gen-batch 1 each prompt is
+   its own call, seeded per (seed, step, prompt), so rollouts do not depend on the world size.
 5. --prompt chat is the authors' prompt: one user turn through the chat template, with their suffix.
    --prompt fewshot is "Question: q Answer:" after three worked examples that end in EOS. `auto` takes
    fewshot for offline data: on SmolLM2-135M at temperature 1 the chat prompt gave 0/64 formatted answers to
@@ -184,9 +186,10 @@ def rollout(model, tok, prompts: list[str], cfg: "Config", seeds: list[int]) -> 
     prompt in order. Each generate call is seeded, with every sampling parameter passed explicitly."""
     model.eval()
     P, R = [], []
-    for s in range(0, len(prompts), cfg.gen_batch):
+    per_call = cfg.gen_batch or len(prompts)
+    for s in range(0, len(prompts), per_call):
         torch.manual_seed(seeds[s])
-        enc = tok(prompts[s : s + cfg.gen_batch], return_tensors="pt", padding=True, truncation=True,
+        enc = tok(prompts[s : s + per_call], return_tensors="pt", padding=True, truncation=True,
                   max_length=cfg.max_prompt_length, add_special_tokens=cfg.prompt != "chat",
                   padding_side="left").to(next(model.parameters()).device)
         out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
@@ -242,7 +245,7 @@ class Config:
     rollout_batch: int = field(default=128, metadata={"help": "prompts per step, over all ranks"})
     mini_batches: int = field(default=1, metadata={"help": "policy updates per rollout (EasyR1: 1)"})
     micro_batch: int = field(default=8, metadata={"help": "responses per forward/backward on one rank"})
-    gen_batch: int = field(default=1, metadata={"help": "prompts per generate call (1: rollouts independent of world size)"})
+    gen_batch: int = field(default=0, metadata={"help": "prompts per generate call (0: all of a rank's prompts, fastest; 1: rollouts independent of world size)"})
     lr: float = 1e-6
     weight_decay: float = 1e-2
     max_grad_norm: float = 1.0

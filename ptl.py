@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, all_reduce_, cleanup_dist, count_params, finished_rounds, human, is_main,
-                        load_model, load_record, load_rows, load_texts, make_batches, parse_config, print0,
-                        save_checkpoint, setup_dist)
+from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
+                        human, import_evaluate, is_main, load_model, load_record, load_rows, load_texts, make_batches,
+                        parse_config, print0, save_checkpoint, setup_dist, unshadow_evaluate)
 
 # ----------------------------------------------------------------------------- accessors
 # The only model-specific knowledge in PTL: where the decoder layers are, and what their FFN is.
@@ -321,6 +321,10 @@ class Config:
     grpo_flags: str = field(default="", metadata={
         "help": "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 --max-response-length 3000'; "
                 "round t uses prompts (t-1)*samples .. t*samples (the authors' 10 parts of math12k)"})
+    eval_every_round: bool = field(default=False, metadata={
+        "help": "evaluate the dense model and every round with evaluate.py; results in dense_eval.json and ptl_record.json"})
+    eval_flags: str = field(default="--tasks gsm8k --limit 50", metadata={
+        "help": "evaluate.py flags, e.g. '--tasks gsm8k,math500 --data-dir ../shared/data --limit 100'"})
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
     seed: int = 0
@@ -334,7 +338,7 @@ class Config:
             raise ValueError("nothing bounds the loop: give --rounds, --target-ratio or a sigma threshold")
 
 
-RESUMABLE = {"rounds", "device"}  # flags that may change between a run and its resumption
+RESUMABLE = {"rounds", "device", "eval_every_round", "eval_flags"}  # flags that may change between a run and its resumption
 
 
 def neuron_budget(model, cfg: Config) -> int | None:
@@ -442,6 +446,14 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path):
     return model, summaries
 
 
+def evaluate_round(model, tok, cfg: Config) -> dict:
+    """evaluate.py's metrics of the current model with --eval-flags, per-question samples left out."""
+    ev = import_evaluate()
+    ecfg = replace(parse_config(ev.Config, shlex.split(cfg.eval_flags)), device=cfg.device)
+    res = ev.evaluate_model(model, tok, ecfg)
+    return {task: {k: v for k, v in r.items() if k != "samples"} for task, r in res.items()}
+
+
 def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict):
     """What the next round removes: per layer the indices of k neurons, or a list of layers; None when a
     sigma threshold finds nothing redundant. Refuses (before any change) to remove every neuron or layer."""
@@ -499,6 +511,11 @@ def main(cfg: Config) -> dict:
         texts = load_texts(spec, n=n, seed=cfg.seed)
         return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
 
+    if cfg.eval_every_round and state["round"] == 0 and not (out / "dense_eval.json").exists():
+        dense_eval = evaluate_round(model, tok, cfg)  # the dense row of the report (round 0)
+        if d.main:
+            atomic_write_json(out / "dense_eval.json", dense_eval)
+        print0("dense | " + " | ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in dense_eval.items()))
     calib = shard(cfg.calib_data, cfg.calib_samples)
     protect = shard(cfg.protect_data, cfg.protect_samples) if cfg.protect_data else None
     records, P0 = [], state["dense"]["params"]["total"]
@@ -513,6 +530,8 @@ def main(cfg: Config) -> dict:
         work = out / f".recovery_round_{state['round']}"  # resumable recovery state; removed once the round is saved
         if cfg.recovery != "none":
             model, rec["recovery"] = recover_round(model, tok, cfg, state["round"], work)
+        if cfg.eval_every_round:
+            rec["eval"] = evaluate_round(model, tok, cfg)
         after = count_params(model)
         rec.update(copy.deepcopy(state), kind=kind, params_before=before, params_after=after,
                    scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]), time_s=time.time() - t0, config=asdict(cfg))
@@ -524,7 +543,8 @@ def main(cfg: Config) -> dict:
         records.append(rec)
         print0(f"round {rec['round']} | {kind} -{rec['neurons_per_layer'] or len(rec['removed_layers'])} | width "
                f"{model.config.intermediate_size} | layers {model.config.num_hidden_layers} | params "
-               f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s")
+               f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s"
+               + "".join(f" | {k} {100 * v['accuracy']:.1f}%" for k, v in rec.get("eval", {}).items()))
     final = count_params(model)
     result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
               "params": final, "removed_ratio": 1 - final["total"] / P0, "records": records}
@@ -533,4 +553,5 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
+    unshadow_evaluate()  # lm-eval tasks that `import evaluate` must get Hugging Face's, not our evaluate.py
     main(parse_config(Config))

@@ -8,9 +8,11 @@ from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, PreTra
 ARCHS = ("llama", "qwen2", "gemma2")
 
 
-def tiny_config(arch: str, *, tied: bool = True, kv_heads: int = 2, layers: int = 3, inter: int = 24):
+def tiny_config(arch: str, *, tied: bool = True, kv_heads: int = 2, layers: int = 3, inter: int = 24,
+                max_position_embeddings: int = 256):
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8,
+                  max_position_embeddings=max_position_embeddings,
                   tie_word_embeddings=tied, initializer_range=0.2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     if arch == "llama":
         return LlamaConfig(**common)

@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ptl
 import ptl_common
 from conftest import assert_trained_alike
 

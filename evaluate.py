@@ -1,0 +1,527 @@
+"""Evaluation: the paper's Table 1 metrics (Section 3.1) and the report of a PTL run (Figure 3, Table 6).
+
+Accuracy on GSM8K, Minerva Math and MATH-500; FLOPs per question; measured speedup of a pruned model over the
+dense one; recovery time from a run's records.
+
+    python evaluate.py --model out/smollm2/round_2 --tasks gsm8k,minerva_math,math500 --data-dir ../shared/data
+    python evaluate.py --model smollm2-135m --compare out/smollm2/round_2 --tasks gsm8k --data-dir ../shared/data
+    python evaluate.py --model smollm2-135m --tasks gsm8k --data-dir ../shared/data --engine lm-eval --limit 20
+    python evaluate.py --report out/smollm2           # report.md, report.json, rounds.png
+
+Choices:
+1. Prompts are lm-eval's, taken from lm-eval's own task files, so both engines send the same tokens: GSM8K is
+   `gsm8k_cot` (8-shot "Q: .. A:", stop at "Q:"), Minerva / MATH-500 are `minerva_math` (4-shot "Problem: ..
+   Solution:", stop at "Problem:"), greedy, 256 new tokens, BOS added as the authors ran lm-eval
+   (add_bos_token=True). --prompt chat is the zero-shot R1-style prompt through the chat template (RL models).
+2. --engine builtin (default) is the fast path used inside the loop: one forward pass over the few-shot
+   prefix that every prompt shares, its KV cache copied into each batch, then batched greedy generation of the
+   rest (length-sorted, left-padded, stop strings); grading with math-verify. --engine lm-eval runs
+   lm_eval.simple_evaluate on the in-memory model through HFLM, with the local files wired into lm-eval's
+   own task YAMLs. The same generations give the same answers under both (tests/test_evaluate.py).
+3. "Minerva Math" from --data-dir is the 272 MIT OCW problems of the Minerva paper (the authors' R1-style
+   evaluator); lm-eval's `minerva_math` by name (engine lm-eval, no --data-dir) is the 5000-problem MATH test.
+   The paper does not say which one its Table 1 uses.
+4. FLOPs per question = forward_flops(config, prompt + generated tokens): one forward over the whole sequence,
+   every matmul counted (LM head and attention scores included, embeddings excluded), averaged over the
+   benchmark's actual lengths.
+5. Hugging Face's `evaluate` package has this module's import name and lm-eval imports it inside some tasks.
+   This file is never installed; ptl.py loads it as `ptl_evaluate` (ptl_common.import_evaluate), and run as a
+   script it moves its own directory behind site-packages so `import evaluate` finds Hugging Face's.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
+                        human, is_main, load_model, load_record, parse_config, print0, read_jsonl, setup_dist,
+                        unshadow_evaluate)
+from grpo import last_boxed, question_answer
+
+CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
+BENCHMARKS = {  # name: (file under --data-dir, hub dataset, answer style, lm-eval task)
+    "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k:main", "gsm8k", "gsm8k_cot"),
+    "minerva_math": ("minerva_math/test.jsonl", None, "boxed", "minerva_math"),
+    "math500": ("math500/test.jsonl", "HuggingFaceH4/MATH-500", "boxed", "minerva_math500"),
+}
+
+# ----------------------------------------------------------------------------- answers (pure)
+
+_NUM = r"-?[$0-9.,]{2,}|-?[0-9]+"  # lm-eval gsm8k_cot's flexible-extract pattern
+
+
+def _number(s: str) -> str:
+    return s.replace(",", "").replace("$", "").rstrip(".")
+
+
+def extract_answer(text: str, style: str) -> str | None:
+    """The final answer of a generation, or None (counted wrong).
+
+    gsm8k: "#### N", else "The answer is N" (gsm8k_cot's strict match), else the last number (its flexible
+    match); commas, "$" and a trailing "." dropped. boxed: the last brace-balanced \\boxed{...}, else Minerva's
+    "Final Answer: The final answer is X. I hope it is correct." """
+    if style == "gsm8k":
+        for pattern in (r"####\s*(-?[0-9.,$]+)", r"The answer is (-?[0-9.,$]+)"):
+            if m := re.search(pattern, text):
+                return _number(m.group(1)) or None
+        nums = [m.group(0) for m in re.finditer(_NUM, text)]
+        return next((_number(n) for n in reversed(nums) if _number(n).strip("-.")), None)
+    if style == "boxed":
+        if (b := last_boxed(text)) is not None:
+            return b.strip()
+        m = re.search(r"Final Answer: The final answer is(.*?)\. I hope it is correct\.", text, re.DOTALL)
+        return m.group(1).strip().strip("$").strip() if m else None
+    raise ValueError(f"unknown answer style {style!r}: use 'gsm8k' or 'boxed'")
+
+
+def is_correct(pred: str | None, gold: str, timeout: float = 5.0) -> bool | None:
+    """pred == gold as mathematics (math-verify: 0.5 == \\frac12, 1,000 == 1000); None when math-verify times
+    out, which the caller counts as wrong and reports. No answer (None) is wrong."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    if pred is None:
+        return False
+    if pred.strip() == gold.strip():
+        return True
+    t = max(1, int(timeout))  # whole seconds: a float makes math-verify's alarm return nothing
+    try:
+        return bool(verify(parse(f"${gold}$", parsing_timeout=t, raise_on_error=True),
+                           parse(f"${pred}$", parsing_timeout=t, raise_on_error=True), timeout_seconds=t,
+                           raise_on_error=True))
+    except TimeoutException:
+        return None
+    except Exception:  # noqa: BLE001  unparsable prediction: not the gold answer
+        return False
+
+
+# ----------------------------------------------------------------------------- FLOPs (pure)
+
+
+def forward_flops(config, seq_len: int, batch: int = 1) -> int:
+    """FLOPs of one decoder forward pass over `batch` sequences of `seq_len` tokens, from the config:
+    per layer 2·T·h·d_h·(n_q + 2·n_kv) (q, k, v) + 2·T·n_q·d_h·h (o) + 2·2·n_q·T²·d_h (scores and values, the full
+    T×T square, as eager attention computes it) + 3·2·T·h·I (gate, up, down); plus the LM head 2·T·h·V.
+    Embedding lookups cost nothing; norms, rotary and activations are not matmuls and are not counted."""
+    h, L, I, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, seq_len
+    n_q, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    d_h = getattr(config, "head_dim", None) or h // n_q
+    per_layer = 2 * T * h * d_h * (n_q + 2 * n_kv) + 2 * T * n_q * d_h * h + 4 * n_q * T * T * d_h + 6 * T * h * I
+    return batch * (L * per_layer + 2 * T * h * V)
+
+
+# ----------------------------------------------------------------------------- benchmarks and prompts
+
+
+def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[str, str]]:
+    """(question, gold answer) rows of a benchmark in file order: from --data-dir (the ../shared/data layout)
+    or, without it, the hub."""
+    if name not in BENCHMARKS:
+        raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
+    local, hub, _, _ = BENCHMARKS[name]
+    if data_dir:
+        path = Path(data_dir).expanduser() / local
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: --data-dir must hold {local} (the layout of ../shared/data)")
+        rows = read_jsonl(path)
+    elif hub is None:
+        raise ValueError(f"{name}: the 272 Minerva OCW problems have no hub copy; pass --data-dir, or use "
+                         "--engine lm-eval for lm-eval's minerva_math (the MATH test set)")
+    else:
+        import datasets
+
+        repo, _, config = hub.partition(":")
+        rows = [(f"{hub}[{i}]", r) for i, r in enumerate(datasets.load_dataset(repo, config or None, split="test"))]
+    if not rows:
+        raise ValueError(f"{name}: no rows")
+    return [question_answer(r, where) for where, r in rows[: limit or None]]
+
+
+def lm_eval_tasks_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str]]:
+    """(worked examples as (question, solution), query template, stop strings) of lm-eval's task for `name`."""
+    if BENCHMARKS[name][2] == "gsm8k":
+        import yaml
+
+        cfg = yaml.safe_load((lm_eval_tasks_dir() / "gsm8k" / "gsm8k-cot.yaml").read_text())
+        shots = [(s["question"], s["target"]) for s in cfg["fewshot_config"]["samples"]]
+        return shots, "Q: {q}\nA:", cfg["generation_kwargs"]["until"]
+    from lm_eval.tasks.minerva_math.utils import list_fewshot_samples
+
+    return [(s["problem"], s["solution"]) for s in list_fewshot_samples()], "Problem:\n{q}\n\nSolution:", ["Problem:"]
+
+
+def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[list[str], list[str]]:
+    """(prompt texts, stop strings) exactly as lm-eval renders them: examples joined by "\\n\\n", each query then
+    " " + solution (lm-eval's target delimiter); --prompt chat: one user turn through the chat template."""
+    if style == "chat":
+        if not tok.chat_template:
+            raise ValueError("--prompt chat needs a tokenizer with a chat template; use --prompt fewshot")
+        return [tok.apply_chat_template([{"role": "user", "content": q + CHAT_SUFFIX}], tokenize=False,
+                                        add_generation_prompt=True) for q in questions], []
+    shots, query, stop = fewshot(name)
+    head = "".join(query.format(q=q) + " " + a + "\n\n" for q, a in shots)
+    return [head + query.format(q=q) for q in questions], stop
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+class StopStrings:
+    """generate's stopping criterion: a row is done once its generated tail, decoded, holds a stop string (as
+    lm-eval's; transformers' own stop_strings cannot read every tokenizer's vocabulary)."""
+
+    def __init__(self, tok, stop: list[str], start: int):
+        self.tok, self.stop, self.start = tok, stop, start
+        self.window = max(len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
+        tails = self.tok.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - self.window):])
+        return torch.tensor([any(s in t for s in self.stop) for t in tails], device=input_ids.device)
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    """Text before the first stop string (lm-eval's post-processing)."""
+    for s in stop:
+        if s and s in text:
+            text = text.split(s)[0]
+    return text
+
+
+@torch.no_grad()
+def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
+             add_bos: bool, reuse_prefix: bool = True) -> tuple[list[str], list[tuple[int, int]]]:
+    """Greedy completions of `prompts`, cut at the first stop string -> (texts, (prompt, generated) lengths).
+
+    The longest token prefix that all prompts share (the few-shot examples) is run once; each batch starts
+    from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first."""
+    dev = next(model.parameters()).device
+    ids = [tok(p, add_special_tokens=add_bos and not p.startswith(tok.bos_token or "\0"))["input_ids"] for p in prompts]
+    c = 0
+    if reuse_prefix and len(ids) > 1:
+        shortest = min(map(len, ids))
+        while c < shortest - 1 and all(x[c] == ids[0][c] for x in ids):
+            c += 1
+    prefix_cache = model(input_ids=torch.tensor([ids[0][:c]], device=dev), use_cache=True).past_key_values if c else None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    texts, lengths = [None] * len(prompts), [None] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
+    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not is_main(), leave=False):
+        batch = order[s : s + batch_size]
+        S = max(len(ids[i]) - c for i in batch)
+        x = torch.full((len(batch), c + S), pad, dtype=torch.long)
+        mask = torch.zeros_like(x)
+        for b, i in enumerate(batch):  # [shared prefix][left padding][rest of the prompt]
+            x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
+            x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
+            mask[b, c + S - (len(ids[i]) - c) :] = 1
+        kw = {}
+        if prefix_cache is not None:
+            import copy
+
+            kw["past_key_values"] = copy.deepcopy(prefix_cache)
+            kw["past_key_values"].batch_repeat_interleave(len(batch))
+        stops = [s for s in stop if s]
+        out = model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), do_sample=False, max_new_tokens=max_new_tokens,
+                             stopping_criteria=[StopStrings(tok, stops, c + S)] if stops else None, pad_token_id=pad,
+                             use_cache=True, temperature=None, top_p=None, top_k=None, **kw)
+        for b, i in enumerate(batch):
+            new = out[b, c + S :].tolist()
+            text = tok.decode(new, skip_special_tokens=True)
+            eos = tok.eos_token_id
+            n = new.index(eos) + 1 if eos in new else len(new) - sum(1 for t in reversed(new) if t == pad)
+            texts[i], lengths[i] = _cut(text, stop), (len(ids[i]), n)
+    return texts, lengths
+
+
+# ----------------------------------------------------------------------------- the two engines
+
+
+def evaluate_builtin(model, tok, cfg: "Config") -> dict:
+    """{task: metrics} with the builtin engine. Under torchrun each rank takes every world-th question and the
+    counts are all-reduced; every rank returns the same numbers (samples are rank 0's share)."""
+    d = setup_dist(cfg.device)
+    results = {}
+    for name in cfg.task_list():
+        rows = load_benchmark(name, cfg.data_dir, cfg.limit)
+        mine = rows[d.rank :: d.world]
+        prompts, stop = build_prompts(name, [q for q, _ in mine], tok, cfg.prompt)
+        t0 = time.perf_counter()
+        texts, lengths = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
+                                  batch_size=cfg.batch_size, add_bos=cfg.add_bos and cfg.prompt != "chat")
+        gen_s = time.perf_counter() - t0
+        style = "boxed" if cfg.prompt == "chat" else BENCHMARKS[name][2]
+        preds = [extract_answer(t, style) for t in texts]
+        marks = [is_correct(p, gold, cfg.verify_timeout) for p, (_, gold) in zip(preds, mine)]
+        flops = sum(forward_flops(model.config, P + G) for P, G in lengths)
+        n = torch.tensor([len(mine), sum(m is True for m in marks), sum(m is None for m in marks),
+                          sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s], dtype=torch.float64)
+        n = all_reduce_(n.to(d.device)).tolist()
+        results[name] = {"accuracy": n[1] / n[0], "n": int(n[0]), "correct": int(n[1]), "timeouts": int(n[2]),
+                         "no_answer": int(n[3]), "gen_tokens": n[4] / n[0], "flops_per_question": n[5] / n[0],
+                         "gen_tokens_per_s": n[4] / (n[6] / d.world), "engine": "builtin", "prompt": cfg.prompt,
+                         "samples": [{"question": q, "gold": g, "output": t, "pred": p, "correct": m}
+                                     for (q, g), t, p, m in zip(mine, texts, preds, marks)]}
+    return results
+
+
+def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str]:
+    """Write task YAMLs into `where` that point lm-eval's own tasks at the local benchmark files (they include
+    lm-eval's YAML and override only the data source); returns the task names to run."""
+    import yaml
+
+    base = lm_eval_tasks_dir()
+    parent = {"gsm8k": base / "gsm8k" / "gsm8k-cot.yaml", "minerva_math": base / "minerva_math" / "minerva_math_algebra.yaml",
+              "math500": base / "minerva_math" / "minerva_math500.yaml"}
+    tasks = []
+    for name in names:
+        if not data_dir:  # lm-eval's own task and dataset, from the hub
+            tasks.append(BENCHMARKS[name][3])
+            continue
+        path = (Path(data_dir).expanduser() / BENCHMARKS[name][0]).resolve()
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name][0]}")
+        spec = {"include": str(parent[name]), "task": f"ptl_{name}", "dataset_path": "json", "dataset_name": None,
+                "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test", "training_split": None}
+        (where / f"ptl_{name}.yaml").write_text(yaml.safe_dump(spec))
+        tasks.append(spec["task"])
+    return tasks
+
+
+def evaluate_lm_eval(model, tok, cfg: "Config") -> dict:
+    """{task: metrics} through lm_eval.simple_evaluate on the in-memory model (HFLM). Accuracy is gsm8k_cot's
+    flexible-extract exact match, or the minerva tasks' math_verify; all of lm-eval's metrics are kept."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    if cfg.prompt != "fewshot":
+        raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks; use --engine builtin for --prompt chat")
+    with tempfile.TemporaryDirectory() as where:
+        tasks = lm_eval_task_yamls(cfg.task_list(), cfg.data_dir, Path(where))
+        paths = [where] + ([cfg.include_path] if cfg.include_path else [])
+        lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, add_bos_token=cfg.add_bos,
+                  max_gen_toks=cfg.max_new_tokens, device=str(next(model.parameters()).device))
+        t0 = time.perf_counter()
+        out = simple_evaluate(model=lm, tasks=tasks + cfg.extra_lm_eval_tasks(), limit=cfg.limit or None,
+                              task_manager=TaskManager(include_path=paths), log_samples=True,
+                              gen_kwargs={"max_gen_toks": cfg.max_new_tokens})
+        secs = time.perf_counter() - t0
+    results = {}
+    for name, task in zip(cfg.task_list() + cfg.extra_lm_eval_tasks(), tasks + cfg.extra_lm_eval_tasks()):
+        m = {k: float(v) for k, v in out["results"][task].items() if "," in k and "stderr" not in k}  # "metric,filter"
+        acc = m.get("exact_match,flexible-extract", m.get("math_verify,none", next(iter(m.values()), math.nan)))
+        docs = {}  # lm-eval logs one sample per (question, filter)
+        for s in out["samples"][task]:
+            d = docs.setdefault(s["doc_id"], {"question": s["doc"].get("question", s["doc"].get("problem")),
+                                              "output": s["resps"][0][0], "filtered": {}})
+            d["filtered"][s.get("filter", "none")] = s["filtered_resps"][0]
+        samples = [docs[k] for k in sorted(docs)]
+        results[name] = {"accuracy": acc, "n": len(samples), "metrics": m, "engine": "lm-eval", "time_s": secs,
+                         "samples": samples}
+    return results
+
+
+def evaluate_model(model, tok, cfg: "Config") -> dict:
+    """{task: metrics} of an in-memory model with cfg.engine (the entry point ptl.py uses every round)."""
+    model.eval()
+    if cfg.engine == "builtin":
+        return evaluate_builtin(model, tok, cfg)
+    if not is_main():  # HFLM on an object runs in one process: rank 0 evaluates, the others wait
+        return {}
+    return evaluate_lm_eval(model, tok, cfg)
+
+
+# ----------------------------------------------------------------------------- speed
+
+
+@torch.no_grad()
+def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
+    """Prefill latency and decode tokens/s of each model on the same batch, dtype and device; greedy, length
+    pinned (min_new_tokens = max_new_tokens, so EOS cannot shorten a run); models alternated within every
+    repeat; medians. -> {name: {"prefill_s", "decode_tokens_per_s"}}"""
+    enc = tok([prompt] * batch, return_tensors="pt")
+    times = {k: {"prefill": [], "total": []} for k in models}
+    for r in range(warmup + repeats):
+        for name, m in models.items():
+            x = {k: v.to(next(m.parameters()).device) for k, v in enc.items()}
+            t0 = time.perf_counter()
+            m(**x, use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
+            m.generate(**x, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
+                       pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
+            t2 = time.perf_counter()
+            if r >= warmup:
+                times[name]["prefill"].append(t1 - t0)
+                times[name]["total"].append(t2 - t1)
+    res = {}
+    for name, t in times.items():
+        pre, tot = statistics.median(t["prefill"]), statistics.median(t["total"])
+        res[name] = {"prefill_s": pre, "decode_tokens_per_s": batch * (new_tokens - 1) / max(tot - pre, 1e-9)}
+    return res
+
+
+# ----------------------------------------------------------------------------- the report of a PTL run
+
+
+def report(run: str | Path) -> dict:
+    """Table 1's columns for the dense model and every round of the PTL run in `run`: parameters, accuracy per
+    benchmark (from `ptl.py --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per
+    question, the FLOP ratio at 128 tokens (the authors' calflops setting), recovery time (cumulative). Writes
+    report.json, report.md and rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
+    from transformers import AutoConfig
+
+    run = Path(run)
+    rounds = finished_rounds(run)
+    if not rounds:
+        raise FileNotFoundError(f"{run} holds no finished PTL round (round_<t>/ptl_record.json): run ptl.py first")
+    recs = [load_record(run / f"round_{t}") for t in rounds]
+    dense_cfg = AutoConfig.from_pretrained(run / f"round_{rounds[0]}")
+    dense_cfg.num_hidden_layers, dense_cfg.intermediate_size = recs[0]["dense"]["num_hidden_layers"], recs[0]["dense"]["intermediate_size"]
+    dense_eval = json.loads((run / "dense_eval.json").read_text()) if (run / "dense_eval.json").exists() else {}
+    f0 = forward_flops(dense_cfg, 128)
+    rows, recovery = [], 0.0
+    entries = [("dense", recs[0]["dense"]["params"], dense_cfg, dense_eval, None)]
+    entries += [(f"round {r['round']} ({r['kind']})", r["params_after"], AutoConfig.from_pretrained(run / f"round_{t}"),
+                 r.get("eval", {}), r) for t, r in zip(rounds, recs)]
+    for label, params, conf, ev, r in entries:
+        recovery += sum(v.get("time_s", 0.0) for v in (r or {}).get("recovery", {}).values())
+        rows.append({"model": label, "params": params["total"], "non_embedding": params["non_embedding"],
+                     "removed": 1 - params["total"] / recs[0]["dense"]["params"]["total"],
+                     "accuracy": {k: v["accuracy"] for k, v in ev.items()},
+                     "flops_per_question": {k: v.get("flops_per_question") for k, v in ev.items()},
+                     "flop_ratio_128": f0 / forward_flops(conf, 128), "recovery_s": recovery,
+                     "layers": conf.num_hidden_layers, "width": conf.intermediate_size})
+    tasks = sorted({k for r in rows for k in r["accuracy"]})
+    head = ["model", "params", "removed", "layers", "FFN width", *tasks, "GFLOPs/question", "FLOP ratio", "recovery"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        fq = [x for x in r["flops_per_question"].values() if x]
+        cells = [r["model"], human(r["params"]), f"{r['removed']:.1%}", str(r["layers"]), str(r["width"]),
+                 *(f"{100 * r['accuracy'][t]:.1f}" if t in r["accuracy"] else "—" for t in tasks),
+                 f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flop_ratio_128']:.2f}x",
+                 f"{r['recovery_s'] / 60:.1f} min"]
+        lines.append("| " + " | ".join(cells) + " |")
+    md = (f"# PTL run `{run}`\n\nAccuracy in % ({', '.join(tasks) or 'no evaluation recorded: ptl.py --eval-every-round'});"
+          " FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n" + "\n".join(lines) + "\n")
+    (run / "report.md").write_text(md)
+    atomic_write_json(run / "report.json", {"rows": rows})
+    _plot(rows, tasks, run / "rounds.png")
+    return {"rows": rows, "markdown": md}
+
+
+def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = list(range(len(rows)))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for t in tasks:
+        pts = [(i, 100 * r["accuracy"][t]) for i, r in zip(x, rows) if t in r["accuracy"]]
+        ax.plot(*zip(*pts), marker="o", label=t)
+    ax.set(xlabel="round (0 = dense)", ylabel="accuracy (%)", xticks=x)
+    size = ax.twinx()
+    size.plot(x, [r["params"] / 1e6 for r in rows], "k--", marker="s", label="params")
+    size.set_ylabel("parameters (M)")
+    fig.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@dataclass
+class Config:
+    """Accuracy (GSM8K, Minerva Math, MATH-500), FLOPs, speedup, and the report of a PTL run."""
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir or a hub name"})
+    compare: str = field(default="", metadata={"help": "a second model (e.g. the pruned one): both evaluated, FLOP ratio and measured speedup"})
+    report: str = field(default="", metadata={"help": "a PTL run directory: write report.md, report.json and rounds.png there"})
+    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500"})
+    data_dir: str = field(default="", metadata={"help": "local benchmark files in the layout of ../shared/data (empty: the hub)"})
+    engine: Literal["builtin", "lm-eval"] = "builtin"
+    prompt: Literal["fewshot", "chat"] = field(default="fewshot", metadata={"help": "lm-eval's few-shot prompts, or zero-shot R1-style through the chat template"})
+    limit: int = field(default=0, metadata={"help": "first N questions of each benchmark (0: all)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "lm-eval's default; the R1-style evaluator used 3000"})
+    batch_size: int = 16
+    add_bos: bool = field(default=True, metadata={"help": "prepend BOS to few-shot prompts (the authors ran lm-eval with add_bos_token=True)"})
+    verify_timeout: float = 5.0
+    lm_eval_tasks: str = field(default="", metadata={"help": "further lm-eval tasks by name (engine lm-eval), e.g. your own with --include-path"})
+    include_path: str = field(default="", metadata={"help": "a directory of extra lm-eval task YAMLs"})
+    speed_batch: int = field(default=1, metadata={"help": "speedup: sequences per generate (authors: 1)"})
+    speed_new_tokens: int = field(default=64, metadata={"help": "speedup: generated tokens, pinned (authors: 64)"})
+    warmup: int = 3
+    repeats: int = 5
+    out: str = field(default="", metadata={"help": "write the results (with every sample) to this JSON file"})
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    device: str = "auto"
+
+    def task_list(self) -> list[str]:
+        names = [t for t in self.tasks.split(",") if t]
+        for t in names:
+            if t not in BENCHMARKS:
+                raise ValueError(f"--tasks: unknown benchmark {t!r}; choose from {sorted(BENCHMARKS)} "
+                                 "(other lm-eval tasks: --engine lm-eval --lm-eval-tasks NAME)")
+        return names
+
+    def extra_lm_eval_tasks(self) -> list[str]:
+        return [t for t in self.lm_eval_tasks.split(",") if t]
+
+
+def summary_line(name: str, res: dict) -> str:
+    return f"{name}: " + " | ".join(f"{t} {100 * r['accuracy']:.1f}% (n={r['n']})" for t, r in res.items())
+
+
+def main(cfg: Config) -> dict:
+    if cfg.report:
+        res = report(cfg.report)
+        print(res["markdown"])
+        return res
+    d = setup_dist(cfg.device)
+    if cfg.engine == "lm-eval" and d.world > 1:
+        raise ValueError("--engine lm-eval evaluates an in-memory model in one process: run it with python, not torchrun")
+    names = {"model": cfg.model, **({"compare": cfg.compare} if cfg.compare else {})}
+    models = {k: load_model(v, dtype=cfg.dtype, device=d.device) for k, v in names.items()}
+    tok = models["model"][1]
+    res = {k: evaluate_model(m, t, cfg) for k, (m, t) in models.items()}
+    for k, r in res.items():
+        print0(summary_line(names[k], r))
+    if cfg.compare:
+        a, b = models["model"][0], models["compare"][0]
+        ratio = forward_flops(a.config, 128) / forward_flops(b.config, 128)
+        prompt = build_prompts((cfg.task_list() or ["gsm8k"])[0], ["What is 12 + 30?"], tok, cfg.prompt)[0][0]
+        speed = measure_speed({"model": a, "compare": b}, tok, prompt, batch=cfg.speed_batch,
+                              new_tokens=cfg.speed_new_tokens, warmup=cfg.warmup, repeats=cfg.repeats)
+        res["speed"] = {**speed, "flop_ratio_128": ratio, "counts": {k: count_params(m) for k, (m, _) in models.items()},
+                        "prefill_speedup": speed["model"]["prefill_s"] / speed["compare"]["prefill_s"],
+                        "decode_speedup": speed["compare"]["decode_tokens_per_s"] / speed["model"]["decode_tokens_per_s"]}
+        print0(f"{cfg.compare} vs {cfg.model}: FLOP ratio {ratio:.3f}x (128 tokens) | prefill speedup "
+               f"{res['speed']['prefill_speedup']:.3f}x | decode speedup {res['speed']['decode_speedup']:.3f}x "
+               f"(batch {cfg.speed_batch}, {cfg.speed_new_tokens} new tokens, median of {cfg.repeats})")
+    if cfg.out and is_main():
+        atomic_write_json(cfg.out, {"config": asdict(cfg), **res})
+    cleanup_dist()
+    return res
+
+
+if __name__ == "__main__":
+    unshadow_evaluate()
+    main(parse_config(Config))

@@ -1,0 +1,87 @@
+"""evaluate.py's builtin engine against lm-eval (HF backend) on the same model, GSM8K questions, 8-shot
+gsm8k_cot prompt, greedy decoding, generation length and batch size: questions per second of each, and how
+often the two agree on the extracted answer. Each engine runs in its own subprocess, alternated A B A B.
+
+    python scripts/bench_eval.py                                   # SmolLM2-135M, 32 GSM8K questions, CPU
+    python scripts/bench_eval.py --limit 64 --repeats 1 --data-dir ../shared/data
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptl_common import DEFAULT_MODEL, import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
+
+
+@dataclass
+class Config:
+    """Benchmark evaluate.py's builtin engine against lm-eval (questions/s, answer agreement)."""
+    model: str = DEFAULT_MODEL
+    data_dir: str = str(ROOT.parent / "shared" / "data")
+    limit: int = 32
+    batch_size: int = 16
+    max_new_tokens: int = 256
+    repeats: int = 2
+    worker: str = ""  # internal: "builtin" or "lm-eval" runs one side and prints JSON
+
+
+def run(cfg: Config) -> dict:
+    from ptl_common import load_model
+
+    ev = import_evaluate()
+    model, tok = load_model(cfg.model, dtype="float32", device="cpu")
+    ecfg = ev.Config(tasks="gsm8k", data_dir=cfg.data_dir, limit=cfg.limit, batch_size=cfg.batch_size,
+                     max_new_tokens=cfg.max_new_tokens, engine=cfg.worker, device="cpu")
+    t0 = time.perf_counter()
+    res = ev.evaluate_model(model, tok, ecfg)["gsm8k"]
+    secs = time.perf_counter() - t0
+    return {"seconds": secs, "accuracy": res["accuracy"], "samples": res["samples"]}
+
+
+def main(cfg: Config) -> dict:
+    if cfg.worker:
+        res = run(cfg)
+        print("RESULT " + json.dumps(res))
+        return res
+    ev = import_evaluate()
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("worker", "repeats")]
+    runs = {"builtin": [], "lm-eval": []}
+    for _ in range(cfg.repeats):
+        for side in runs:
+            p = subprocess.run([sys.executable, __file__, *flags, f"--worker={side}"], capture_output=True, text=True,
+                               env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")
+            runs[side].append(json.loads(line[0][7:]))
+    ours, theirs = runs["builtin"][0]["samples"], {s["question"]: s for s in runs["lm-eval"][0]["samples"]}
+    same_text = sum(s["output"] == theirs[s["question"]]["output"] for s in ours)
+    # lm-eval's gsm8k_cot scores "strict-match" and "flexible-extract"; ours takes "The answer is N" when there
+    # is one (strict) and else the last number (flexible): compare with whichever of theirs applies.
+    agree = 0
+    for s in ours:
+        f = theirs[s["question"]]["filtered"]
+        ref = f["strict-match"] if f["strict-match"] != "[invalid]" else f["flexible-extract"]
+        agree += s["pred"] == (None if ref == "[invalid]" else ev._number(ref))
+    q = {k: cfg.limit / statistics.median(r["seconds"] for r in rs) for k, rs in runs.items()}
+    n = len(ours)
+    print(f"model {cfg.model} | GSM8K first {n} questions, 8-shot gsm8k_cot, greedy, {cfg.max_new_tokens} new "
+          f"tokens max, batch {cfg.batch_size} | {cfg.repeats} runs each, alternated")
+    for k, rs in runs.items():
+        print(f"  {k:8s} questions/s {q[k]:.3f} | accuracy {rs[0]['accuracy']:.3f}")
+    print(f"builtin / lm-eval: {q['builtin'] / q['lm-eval']:.2f}x questions/s | identical generations {same_text}/{n} | "
+          f"same extracted answer {agree}/{n} ({agree / n:.1%})")
+    return {"speedup": q["builtin"] / q["lm-eval"], "same_text": same_text, "agree": agree, "n": n}
+
+
+if __name__ == "__main__":
+    unshadow_evaluate()
+    main(parse_config(Config))

@@ -1,0 +1,214 @@
+"""evaluate.py: answer extraction and grading goldens, FLOPs against torch's counter, generation paths that
+agree, both engines on the same generations, the report of a real PTL run, and no clash with HF's evaluate."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+import ptl
+import ptl_common
+from conftest import ARCHS, char_tokenizer, tiny_model
+
+ev = ptl_common.import_evaluate()
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text, answer", [
+    ("Janet sells 16 - 3 - 4 = 9 eggs. She makes 9 * 2 = $18 every day.\n#### 18", "18"),
+    ("So in total they had 32 + 42 = 74. The answer is 1,234.", "1234"),
+    ("He pays $2,500.00 in all. The answer is $2,500.00.\n\nQ: next", "2500.00"),
+    ("The answer is -3.5.", "-3.5"),
+    ("First 5 apples, then 7 more: 12 apples.", "12"),  # no marker: the last number (flexible match)
+    ("I do not know.", None),
+])
+def test_gsm8k_answers_are_extracted_like_lm_eval(text, answer):
+    assert ev.extract_answer(text, "gsm8k") == answer
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["apples", "cost", "$3", "1,234", "-7", "2.5", "total:", "12.", "$4.50.", "x", "0"]),
+                max_size=8))
+def test_the_last_number_fallback_agrees_with_lm_eval_flexible_extract(words):
+    from lm_eval.filters.extraction import RegexFilter
+
+    text = " ".join(words)
+    theirs = list(RegexFilter(regex_pattern=r"(-?[$0-9.,]{2,})|(-?[0-9]+)", group_select=-1).apply([[text]], [None]))[0][0]
+    ours = ev.extract_answer(text, "gsm8k")
+    assert ours == (None if theirs == "[invalid]" else ev._number(theirs))
+
+
+@pytest.mark.parametrize("text, answer", [
+    (r"so $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    (r"first \boxed{3}, then on reflection \boxed{4}.", "4"),  # several boxes: the last counts
+    (r"$\boxed{\sqrt{\frac{1}{2}}}$ units", r"\sqrt{\frac{1}{2}}"),  # nested braces
+    ("We get 24.\nFinal Answer: The final answer is $24$. I hope it is correct.", "24"),  # Minerva's format
+    (r"an unfinished \boxed{\frac{1}{2}", None),
+    ("no answer at all", None),
+])
+def test_boxed_answers_are_the_last_balanced_box(text, answer):
+    assert ev.extract_answer(text, "boxed") == answer
+
+
+@pytest.mark.parametrize("pred, gold, ok", [
+    ("0.5", r"\frac12", True), (r"\frac{2}{4}", "0.5", True), ("18", "18", True), ("2500.00", "2500", True),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{2} \right)", True),
+    ("3", "4", False), (None, "4", False), ("}{", "4", False),
+])
+def test_equivalent_forms_are_correct_and_different_values_are_not(pred, gold, ok):
+    assert ev.is_correct(pred, gold) is ok
+
+
+def test_a_grading_timeout_is_reported_not_called_correct(monkeypatch):
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def slow(*a, **k):
+        raise TimeoutException("timed out")
+    monkeypatch.setattr(math_verify, "verify", slow)
+    assert ev.is_correct("0.5", r"\frac12") is None
+
+
+def _counted(model, T: int) -> int:
+    with FlopCounterMode(display=False) as fc:
+        with torch.no_grad():
+            model(input_ids=torch.randint(3, 100, (2, T)))
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_flops_equal_torch_flop_counter_before_and_after_surgery(arch):
+    model = tiny_model(arch, layers=3, inter=24)
+    assert ev.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
+    ptl.prune_neurons(model, [torch.arange(0, 24, 2)] * 3)
+    ptl.drop_layers(model, [1])
+    assert ev.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
+
+
+def test_pruning_k_neurons_per_layer_saves_exactly_6_h_k_L_flops_per_token():
+    model = tiny_model("llama", layers=3, inter=24)
+    before = ev.forward_flops(model.config, 50)
+    ptl.prune_neurons(model, [torch.arange(5, 24)] * 3)  # k = 5
+    h, L = model.config.hidden_size, model.config.num_hidden_layers
+    assert before - ev.forward_flops(model.config, 50) == 2 * 3 * h * 5 * L * 50
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers in the shared prefix
+def test_generation_from_the_cached_shared_prefix_equals_plain_generation(arch):
+    model, tok = tiny_model(arch, layers=2, max_position_embeddings=512), char_tokenizer()
+    shared = "Q: 2+2?\nA: 4.\n\nQ: 3+5?\nA: 8.\n\n"
+    prompts = [shared + q for q in ("Q: 1+1?\nA:", "Q: 10+20?\nA:", "Q: 7?\nA:", "Q: 123+456?\nA:")]
+    kw = dict(max_new_tokens=12, stop=["Q:"], batch_size=3, add_bos=True)
+    cached, n1 = ev.generate(model, tok, prompts, **kw)
+    plain, n2 = ev.generate(model, tok, prompts, reuse_prefix=False, **kw)
+    assert cached == plain and n1 == n2
+    one_by_one = [ev.generate(model, tok, [p], reuse_prefix=False, **{**kw, "batch_size": 1})[0][0] for p in prompts]
+    assert plain == one_by_one, "left padding changed a greedy generation"
+
+
+def _gsm8k_dir(tmp_path: Path, n: int = 3) -> Path:
+    """A --data-dir with a GSM8K-format test file (made-up questions; real data stays in ../shared/data)."""
+    (tmp_path / "gsm8k").mkdir(parents=True)
+    rows = [{"question": f"Tom has {i} apples and buys {i + 2} more. How many?", "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"}
+            for i in range(1, n + 1)]
+    (tmp_path / "gsm8k" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_both_engines_make_the_same_generations_and_extract_the_same_answers(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    model, tok = tiny_model("llama", layers=2, max_position_embeddings=4096), char_tokenizer()
+    cfg = ev.Config(tasks="gsm8k", data_dir=str(_gsm8k_dir(tmp_path)), limit=3, max_new_tokens=24, batch_size=2,
+                    device="cpu")
+    ours = ev.evaluate_model(model, tok, cfg)["gsm8k"]
+    theirs = ev.evaluate_model(model, tok, ev.Config(**{**cfg.__dict__, "engine": "lm-eval"}))["gsm8k"]
+    assert ours["n"] == theirs["n"] == 3
+    by_q = {s["question"]: s for s in theirs["samples"]}
+    for s in ours["samples"]:
+        t = by_q[s["question"]]
+        assert s["output"] == t["output"]
+        flexible = t["filtered"]["flexible-extract"]
+        if flexible != "[invalid]":
+            assert ev.extract_answer(t["output"], "gsm8k") == ev._number(flexible)
+
+
+def test_builtin_engine_counts_every_question_once_on_two_ranks(tmp_path):
+    model_dir = tmp_path / "m"
+    tiny_model("llama", layers=2, max_position_embeddings=4096).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    data = _gsm8k_dir(tmp_path / "data", n=5)
+    flags = ["evaluate.py", "--model", str(model_dir), "--tasks", "gsm8k", "--data-dir", str(data), "--max-new-tokens", "6"]
+    subprocess.run([sys.executable, *flags, "--out", str(tmp_path / "one.json")], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *flags,
+                    "--out", str(tmp_path / "two.json")], cwd=ROOT, check=True)
+    a, b = (json.loads((tmp_path / f).read_text())["model"]["gsm8k"] for f in ("one.json", "two.json"))
+    for k in ("n", "correct", "no_answer", "gen_tokens", "flops_per_question"):
+        assert a[k] == pytest.approx(b[k]), k
+    assert a["n"] == 5
+
+
+PROBE_YAML = """task: probe_hf_evaluate
+dataset_path: json
+dataset_kwargs: {{data_files: {{test: {data}}}}}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{q}}}}"
+doc_to_target: "{{{{a}}}}"
+generation_kwargs: {{until: ["\\n"], max_gen_toks: 2, do_sample: false}}
+process_results: !function utils.process_results
+metric_list:
+  - {{metric: hf_evaluate, aggregation: mean, higher_is_better: true}}
+"""
+PROBE_UTILS = """import evaluate  # Hugging Face's package, as lm-eval's mbpp / squad tasks import it
+
+
+def process_results(doc, results):
+    return {"hf_evaluate": float(hasattr(evaluate, "load") and "site-packages" in evaluate.__file__)}
+"""
+
+
+def test_scripts_run_from_the_repo_root_leave_import_evaluate_to_hugging_face(tmp_path, tiny_dirs):
+    """`python evaluate.py` and `python ptl.py` put the checkout first on sys.path, where our evaluate.py would
+    answer an lm-eval task's `import evaluate`; a task that imports it must get Hugging Face's package."""
+    pytest.importorskip("evaluate")
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "probe.jsonl").write_text('{"q": "hi", "a": "x"}\n')
+    (tmp_path / "tasks" / "probe.yaml").write_text(PROBE_YAML.format(data=tmp_path / "probe.jsonl"))
+    (tmp_path / "tasks" / "utils.py").write_text(PROBE_UTILS)
+    flags = f"--engine lm-eval --tasks '' --lm-eval-tasks probe_hf_evaluate --include-path {tmp_path / 'tasks'} --max-new-tokens 4"
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run([sys.executable, "evaluate.py", "--model", tiny_dirs["llama"], *__import__("shlex").split(flags),
+                    "--out", str(tmp_path / "r.json")], cwd=ROOT, check=True, env=env)
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["probe_hf_evaluate"]["accuracy"] == 1.0
+    subprocess.run([sys.executable, "ptl.py", "--model", tiny_dirs["llama"], "--calib-samples", "4", "--rounds", "1",
+                    "--eval-every-round", "--eval-flags", flags, "--out", str(tmp_path / "run")], cwd=ROOT, check=True, env=env)
+    assert ptl_common.load_record(tmp_path / "run" / "round_1")["eval"]["probe_hf_evaluate"]["accuracy"] == 1.0
+
+
+def test_the_report_renders_from_a_real_ptl_run(tmp_path, tiny_dirs):
+    data = _gsm8k_dir(tmp_path / "data", n=2)
+    cfg = ptl.Config(model=tiny_dirs["llama"], calib_samples=4, max_length=32, rounds=2, order="alternate",
+                     layer_target=1, out=str(tmp_path / "run"), eval_every_round=True,
+                     eval_flags=f"--tasks gsm8k --data-dir {data} --max-new-tokens 4 --no-add-bos")
+    ptl.main(cfg)
+    res = ev.report(tmp_path / "run")
+    assert [r["model"] for r in res["rows"]] == ["dense", "round 1 (neurons)", "round 2 (layers)"]
+    assert all("gsm8k" in r["accuracy"] for r in res["rows"])
+    assert res["rows"][0]["flop_ratio_128"] == 1.0 < res["rows"][1]["flop_ratio_128"] < res["rows"][2]["flop_ratio_128"]
+    md = (tmp_path / "run" / "report.md").read_text()
+    assert md.count("\n| round ") == 2 and (tmp_path / "run" / "rounds.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["rows"][2]["layers"] == 3
+
+
+def test_unknown_tasks_and_missing_files_say_what_to_do(tmp_path):
+    with pytest.raises(ValueError, match="unknown benchmark 'gsm9k'"):
+        ev.Config(tasks="gsm9k").task_list()
+    with pytest.raises(FileNotFoundError, match="--data-dir must hold gsm8k/test.jsonl"):
+        ev.load_benchmark("gsm8k", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no finished PTL round"):
+        ev.report(tmp_path)
