@@ -182,17 +182,38 @@ def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[lis
 # ----------------------------------------------------------------------------- generation
 
 
-class StopStrings:
-    """generate's stopping criterion: a row is done once its generated tail, decoded, holds a stop string (as
-    lm-eval's; transformers' own stop_strings cannot read every tokenizer's vocabulary)."""
-
-    def __init__(self, tok, stop: list[str], start: int):
-        self.tok, self.stop, self.start = tok, stop, start
-        self.window = max(len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop) + 2
-
-    def __call__(self, input_ids: torch.Tensor, scores, **kw) -> torch.Tensor:
-        tails = self.tok.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - self.window):])
-        return torch.tensor([any(s in t for s in self.stop) for t in tails], device=input_ids.device)
+@torch.no_grad()
+def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, stop: list[str]) -> list[list[int]]:
+    """Greedy decoding of a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the
+    first cache.get_seq_length() positions. A row leaves the batch (and its KV cache) the moment it ends: EOS,
+    a stop string in its decoded tail (lm-eval's rule), or max_new_tokens; HF generate would go on computing
+    finished rows until the longest one ends. -> the generated ids of each row, its last token included."""
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)  # an id or a list (Llama-3 instruct has 2)
+    eos = ({tok.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) - {None}
+    window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
+    rows, out = list(range(len(x))), [[] for _ in range(len(x))]
+    past = cache.get_seq_length() if cache is not None else 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
+    ids, pos_in = x[:, past:], pos[:, past:]
+    for _ in range(max_new_tokens):
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, past_key_values=cache, use_cache=True,
+                    logits_to_keep=1)
+        cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1)
+        keep = []
+        for j, r in enumerate(rows):
+            out[r].append(int(nxt[j]))
+            tail = tok.decode(out[r][-window:]) if stop else ""
+            if not (out[r][-1] in eos or any(s in tail for s in stop) or len(out[r]) == max_new_tokens):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+            k = torch.tensor(keep, device=x.device)
+            cache.batch_select_indices(k)
+            mask, pos_in, nxt, rows = mask[k], pos_in[k], nxt[k], [rows[j] for j in keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        ids, pos_in = nxt[:, None], pos_in[:, -1:] + 1
+    return out
 
 
 def _cut(text: str, stop: list[str]) -> str:
@@ -209,7 +230,8 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
     """Greedy completions of `prompts`, cut at the first stop string -> (texts, (prompt, generated) lengths).
 
     The longest token prefix that all prompts share (the few-shot examples) is run once; each batch starts
-    from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first."""
+    from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first, and
+    a finished row leaves its batch at once (see greedy)."""
     dev = next(model.parameters()).device
     ids = [tok(p, add_special_tokens=add_bos and not p.startswith(tok.bos_token or "\0"))["input_ids"] for p in prompts]
     c = 0
@@ -230,22 +252,16 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
             x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
             x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
             mask[b, c + S - (len(ids[i]) - c) :] = 1
-        kw = {}
+        cache = None
         if prefix_cache is not None:
             import copy
 
-            kw["past_key_values"] = copy.deepcopy(prefix_cache)
-            kw["past_key_values"].batch_repeat_interleave(len(batch))
-        stops = [s for s in stop if s]
-        out = model.generate(input_ids=x.to(dev), attention_mask=mask.to(dev), do_sample=False, max_new_tokens=max_new_tokens,
-                             stopping_criteria=[StopStrings(tok, stops, c + S)] if stops else None, pad_token_id=pad,
-                             use_cache=True, temperature=None, top_p=None, top_k=None, **kw)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(batch))
+        new = greedy(model, tok, x.to(dev), mask.to(dev), cache, max_new_tokens=max_new_tokens, stop=[s for s in stop if s])
         for b, i in enumerate(batch):
-            new = out[b, c + S :].tolist()
-            text = tok.decode(new, skip_special_tokens=True)
-            eos = tok.eos_token_id
-            n = new.index(eos) + 1 if eos in new else len(new) - sum(1 for t in reversed(new) if t == pad)
-            texts[i], lengths[i] = _cut(text, stop), (len(ids[i]), n)
+            texts[i] = _cut(tok.decode(new[b], skip_special_tokens=True), stop)
+            lengths[i] = (len(ids[i]), len(new[b]))
     return texts, lengths
 
 

@@ -109,6 +109,10 @@ def test_generation_from_the_cached_shared_prefix_equals_plain_generation(arch):
     assert cached == plain and n1 == n2
     one_by_one = [ev.generate(model, tok, [p], reuse_prefix=False, **{**kw, "batch_size": 1})[0][0] for p in prompts]
     assert plain == one_by_one, "left padding changed a greedy generation"
+    for p, text in zip(prompts, one_by_one):  # the reference: transformers' own greedy generate
+        x = tok(p, return_tensors="pt")
+        ref = model.generate(**x, do_sample=False, max_new_tokens=12, pad_token_id=0, temperature=None, top_p=None, top_k=None)
+        assert text == ev._cut(tok.decode(ref[0, x["input_ids"].shape[1]:], skip_special_tokens=True), ["Q:"])
 
 
 def _gsm8k_dir(tmp_path: Path, n: int = 3) -> Path:
