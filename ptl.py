@@ -325,11 +325,16 @@ class Config:
         "help": "evaluate the dense model and every round with evaluate.py; results in dense_eval.json and ptl_record.json"})
     eval_flags: str = field(default="--tasks gsm8k --limit 50", metadata={
         "help": "evaluate.py flags, e.g. '--tasks gsm8k,math500 --data-dir ../shared/data --limit 100'"})
+    baseline: Literal["none", "prune-once", "shortgpt"] = field(default="none", metadata={
+        "help": "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it "
+                "with PTL's total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio"})
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     device: str = "auto"
     seed: int = 0
 
     def __post_init__(self):
+        if self.baseline != "none" and not self.target_ratio and not (self.baseline == "prune-once" and self.layer_target):
+            raise ValueError(f"--baseline {self.baseline} removes everything in one round: it needs a size, --target-ratio")
         if not 0 < self.neuron_step <= 1 or not 0 <= self.target_ratio < 1 or not 0 < self.released_top_n < 1:
             raise ValueError("need 0 < --neuron-step <= 1, 0 <= --target-ratio < 1 and 0 < --released-top-n < 1")
         if self.layer_step < 1 or self.layer_target < 0 or not 0 <= self.protect_frac < 1:
@@ -361,9 +366,21 @@ def neuron_budget(model, cfg: Config) -> int | None:
     return max(0, I - width)
 
 
+def shortgpt_layers(model, ratio: float) -> int:
+    """ShortGPT's depth cut: the fewest whole layers whose removal takes >= ratio of all parameters."""
+    L, per_layer = len(decoder_layers(model)), sum(p.numel() for p in decoder_layers(model)[0].parameters())
+    n = math.ceil(ratio * count_params(model)["total"] / per_layer)
+    if n >= L:
+        raise ValueError(f"--baseline shortgpt --target-ratio {ratio} would remove all {L} layers")
+    return n
+
+
 def next_kind(order: str, t: int, left: dict) -> str | None:
-    """The kind of round t (1-based) given what is left; None when nothing is."""
+    """The kind of round t (1-based) given what is left; None when nothing is. order "once" (the baselines)
+    removes every kind that is left in one round."""
     can = {k: v is None or v > 0 for k, v in left.items()}
+    if order == "once":
+        return "once" if any(can.values()) else None
     first = {"neu-lay": "neurons", "lay-neu": "layers", "alternate": "neurons" if t % 2 else "layers"}[order]
     second = "layers" if first == "neurons" else "neurons"
     return first if can[first] else second if can[second] else None
@@ -392,7 +409,10 @@ def resume_or_start(cfg: Config, d) -> tuple:
     L, I = model.config.num_hidden_layers, model.config.intermediate_size
     if cfg.layer_target >= L:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
-    left = {"neurons": neuron_budget(model, cfg), "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
+    if cfg.baseline == "shortgpt":
+        left = {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
+    else:
+        left = {"neurons": neuron_budget(model, cfg), "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
     dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I}
     return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
                         "kept_neurons": [list(range(I)) for _ in range(L)]}
@@ -494,7 +514,6 @@ def apply_removal(model, kind: str, what, state: dict) -> dict:
         state["kept_neurons"] = [x for i, x in enumerate(kn) if i not in what]
     if state["left"][kind] is not None:
         state["left"][kind] -= len(what[0]) if kind == "neurons" else len(what)
-    state["round"] += 1
     return rec
 
 
@@ -519,14 +538,25 @@ def main(cfg: Config) -> dict:
     calib = shard(cfg.calib_data, cfg.calib_samples)
     protect = shard(cfg.protect_data, cfg.protect_samples) if cfg.protect_data else None
     records, P0 = [], state["dense"]["params"]["total"]
-    while (kind := next_kind(cfg.order, state["round"] + 1, state["left"])) and not (cfg.rounds and state["round"] >= cfg.rounds):
+    order, rcfg = cfg.order, cfg
+    if cfg.baseline != "none":  # one round takes all that is left; ShortGPT ranks layers by Block Influence
+        order = "once"
+        rcfg = replace(cfg, neuron_step=1.0, layer_step=10**9, layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
+    while (kind := next_kind(order, state["round"] + 1, state["left"])) and not (cfg.rounds and state["round"] >= cfg.rounds):
         t0, before = time.time(), count_params(model)
-        s_neu, s_lay = round_scores(model, calib, protect if kind == "neurons" else None, cfg)
-        what = removal(kind, s_neu, s_lay, cfg, state)
-        if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma: this kind is done
-            state["left"][kind] = 0
+        s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg)
+        rec = None
+        for k in ("neurons", "layers") if kind == "once" else (kind,):  # layer indices are unchanged by neurons
+            what = removal(k, s_neu, s_lay, rcfg, state)
+            if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma (or nothing is left): this kind is done
+                state["left"][k] = 0
+                continue
+            r = apply_removal(model, k, what, state)
+            rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
+        if rec is None:
             continue
-        rec = apply_removal(model, kind, what, state)
+        state["round"] += 1
+        kind = cfg.baseline if kind == "once" else kind
         work = out / f".recovery_round_{state['round']}"  # resumable recovery state; removed once the round is saved
         if cfg.recovery != "none":
             model, rec["recovery"] = recover_round(model, tok, cfg, state["round"], work)
@@ -541,7 +571,9 @@ def main(cfg: Config) -> dict:
         if d.main:
             shutil.rmtree(work, ignore_errors=True)
         records.append(rec)
-        print0(f"round {rec['round']} | {kind} -{rec['neurons_per_layer'] or len(rec['removed_layers'])} | width "
+        cut = (f"-{rec['neurons_per_layer'] or len(rec['removed_layers'])}" if kind in ("neurons", "layers") else
+               f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
+        print0(f"round {rec['round']} | {kind} {cut} | width "
                f"{model.config.intermediate_size} | layers {model.config.num_hidden_layers} | params "
                f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s"
                + "".join(f" | {k} {100 * v['accuracy']:.1f}%" for k, v in rec.get("eval", {}).items()))

@@ -251,3 +251,38 @@ def test_cpt_then_grpo_recover_every_round_in_the_order_of_algorithm_1(tiny_dirs
     assert [r["recovery"]["grpo"]["rows"] for r in recs] == [[0, 8], [8, 16]]
     assert recs[0]["recovery"]["grpo"]["prompt_style"] == "fewshot"
     assert (tmp_path / "round_2" / "grpo_metrics.jsonl").exists() and (tmp_path / "round_2" / "cpt_metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prune_once_ends_at_the_same_architecture_as_ptl_in_one_round(arch, tiny_dirs, tmp_path):
+    target = dict(target_ratio=0.3, layer_target=1)
+    ptl_run = run(tiny_dirs[arch], tmp_path / "ptl", neuron_step=0.1, **target)
+    once = run(tiny_dirs[arch], tmp_path / "once", baseline="prune-once", **target)
+    assert ptl_run["rounds"] > 2 and once["rounds"] == 1
+    a, b = (AutoModelForCausalLM.from_pretrained(tmp_path / d / f"round_{r['rounds']}").config
+            for d, r in (("ptl", ptl_run), ("once", once)))
+    assert a.to_diff_dict() == b.to_diff_dict() and ptl_run["params"] == once["params"]
+    rec = records(tmp_path / "once")[0]
+    assert rec["kind"] == "prune-once" and len(rec["removed_layers"]) == 1 and rec["neurons_per_layer"] > 0
+
+
+def test_shortgpt_removes_exactly_the_lowest_block_influence_layers_in_one_round(tmp_path):
+    model = tiny_model("llama", layers=6, inter=40)
+    with torch.no_grad():
+        for l in (1, 4):  # f_l(h) = h: Block Influence 1 - cos(h, h) = 0, the lowest possible
+            ptl.decoder_layers(model)[l].self_attn.o_proj.weight.zero_()
+            ptl.ffn(ptl.decoder_layers(model)[l])[2].weight.zero_()
+        for l in (0, 2, 3, 5):  # the others change h clearly
+            ptl.ffn(ptl.decoder_layers(model)[l])[2].weight.mul_(20)
+    per_layer = sum(p.numel() for p in ptl.decoder_layers(model)[0].parameters())
+    ratio = 1.5 * per_layer / count_params(model)["total"]  # more than one layer's worth: two must go
+    result = run(save(model, tmp_path / "m"), tmp_path / "out", baseline="shortgpt", target_ratio=ratio)
+    rec = records(tmp_path / "out")[0]
+    assert result["rounds"] == 1 and rec["kind"] == "shortgpt"
+    assert rec["removed_layers"] == [1, 4] and rec["removed_neurons"] == {}
+    assert rec["scores"]["layer"][1] == pytest.approx(0, abs=1e-6) and rec["scores"]["layer"][4] == pytest.approx(0, abs=1e-6)
+
+
+def test_a_baseline_without_a_size_is_refused():
+    with pytest.raises(ValueError, match="needs a size, --target-ratio"):
+        ptl.Config(baseline="shortgpt", target_ratio=0.0, rounds=1)
