@@ -396,8 +396,8 @@ def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int
 
 
 def report(run: str | Path) -> dict:
-    """Table 1's columns for the dense model and every round of the PTL run in `run`: parameters, accuracy per
-    benchmark (from `ptl.py --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per
+    """Table 1's columns for the dense model and every round of the PTL run in `run`: parameters, compression
+    ratio R = 1 - |M'|/|M|, accuracy per benchmark and its retention Perf(M')/Perf(M) (from `ptl.py --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per
     question, the FLOP ratio at 128 tokens (the authors' calflops setting), recovery time (cumulative). Writes
     report.json, report.md and rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
     from transformers import AutoConfig
@@ -424,17 +424,24 @@ def report(run: str | Path) -> dict:
                      "flop_ratio_128": f0 / forward_flops(conf, 128), "recovery_s": recovery,
                      "layers": conf.num_hidden_layers, "width": conf.intermediate_size})
     tasks = sorted({k for r in rows for k in r["accuracy"]})
-    head = ["model", "params", "removed", "layers", "FFN width", *tasks, "GFLOPs/question", "FLOP ratio", "recovery"]
+    for r in rows:  # performance retention Perf(M') / Perf(M) (the related study's metric), per benchmark
+        r["retention"] = {t: r["accuracy"][t] / rows[0]["accuracy"][t] for t in r["accuracy"]
+                          if rows[0]["accuracy"].get(t)}
+    head = ["model", "params", "R", "layers", "FFN width", *tasks, "retention", "GFLOPs/question", "FLOP ratio",
+            "recovery"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         fq = [x for x in r["flops_per_question"].values() if x]
         cells = [r["model"], human(r["params"]), f"{r['removed']:.1%}", str(r["layers"]), str(r["width"]),
                  *(f"{100 * r['accuracy'][t]:.1f}" if t in r["accuracy"] else "—" for t in tasks),
+                 f"{statistics.mean(r['retention'].values()):.2f}" if r["retention"] else "—",
                  f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flop_ratio_128']:.2f}x",
                  f"{r['recovery_s'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     md = (f"# PTL run `{run}`\n\nAccuracy in % ({', '.join(tasks) or 'no evaluation recorded: ptl.py --eval-every-round'});"
-          " FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n" + "\n".join(lines) + "\n")
+          " R = 1 - params / dense params (compression ratio); retention = accuracy / dense accuracy, averaged over"
+          " the benchmarks; FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n"
+          + "\n".join(lines) + "\n")
     (run / "report.md").write_text(md)
     atomic_write_json(run / "report.json", {"rows": rows})
     _plot(rows, tasks, run / "rounds.png")
