@@ -226,6 +226,68 @@ def layer_scores(model, batches, *, rule: str = "distance") -> torch.Tensor:
     return score_pass(model, batches, neuron_rule=None, layer_rule=rule)["layer"]
 
 
+def lm_loss(model, batches) -> torch.Tensor:
+    """Mean next-token cross-entropy over the real tokens of `batches` (log perplexity), over all ranks."""
+    dev = next(model.parameters()).device
+    tot = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of token losses, tokens)
+    for b in batches:
+        ids, m = b["input_ids"].to(dev), b["attention_mask"].to(dev).bool()
+        logits = model(input_ids=ids, attention_mask=m.long(), use_cache=False).logits[:, :-1].float()
+        keep = m[:, 1:] & m[:, :-1]  # (B, T-1): a real token predicted from a real one
+        tot += torch.stack([F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum").double(), keep.sum().double()])
+    all_reduce_(tot)
+    return tot[0] / tot[1].clamp(min=1)
+
+
+def perplexity_scores(model, batches) -> torch.Tensor:
+    """(L,) |log PPL(model without layer l) - log PPL(model)| on the calibration data: the perplexity
+    criterion of depth pruning (Kim et al., 2024, "Shortened LLaMA"). Taken as a change so that a layer
+    whose removal helps a (random) model does not rank as indispensable; the order is the same whenever
+    removal hurts. Layer l is skipped by returning its input as its output."""
+    def skip(mod, args, kwargs, out):
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h, *out[1:]) if isinstance(out, tuple) else h
+
+    scores = []
+    with torch.no_grad():
+        base = lm_loss(model, batches)
+        for layer in decoder_layers(model):
+            handle = layer.register_forward_hook(skip, with_kwargs=True)
+            try:
+                scores.append((lm_loss(model, batches) - base).abs())
+            finally:
+                handle.remove()
+    return torch.stack(scores).float().cpu()
+
+
+def taylor_scores(model, batches) -> torch.Tensor:
+    """(L,) |sum_{w in layer l} w * dLoss/dw|: the first-order change of the calibration loss when layer l's
+    weights are set to zero (Taylor criterion, Molchanov et al., 2019, as used for blocks by Kim et al.,
+    2024). Gradients are summed over ranks before the products are taken."""
+    layers = decoder_layers(model)
+    params = [list(layer.parameters()) for layer in layers]
+    grads = [[torch.zeros_like(w) for w in ps] for ps in params]
+    dev = next(model.parameters()).device
+    for b in batches:
+        ids, m = b["input_ids"].to(dev), b["attention_mask"].to(dev)
+        logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1].float()
+        keep = (m[:, 1:] * m[:, :-1]).bool()
+        loss = F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
+        gs = torch.autograd.grad(loss, [w for ps in params for w in ps], allow_unused=True)
+        flat = iter(gs)
+        for acc in grads:
+            for a in acc:
+                g = next(flat)
+                if g is not None:
+                    a += g
+    tokens = all_reduce_(torch.tensor(float(sum(int((b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).sum())
+                                                for b in batches)), device=dev))
+    scores = []
+    for ps, acc in zip(params, grads):
+        scores.append(sum((w.detach().double() * all_reduce_(a).double()).sum() for w, a in zip(ps, acc)).abs() / tokens)
+    return torch.stack(scores).float().cpu()
+
+
 # ----------------------------------------------------------------------------- surgery
 
 
@@ -308,7 +370,8 @@ class Config:
     sigma_neuron: float | None = field(default=None, metadata={"help": "Eq. 4 threshold; sets k per round instead of --neuron-step"})
     sigma_layer: float | None = field(default=None, metadata={"help": "Eq. 6 threshold; sets the layers per round"})
     neuron_rule: Literal["eq4", "released"] = "eq4"
-    layer_rule: Literal["distance", "bi"] = field(default="distance", metadata={"help": "Eq. 5, or ShortGPT's Block Influence"})
+    layer_rule: Literal["distance", "bi", "ppl", "taylor"] = field(default="distance", metadata={
+        "help": "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor"})
     released_top_n: float = field(default=0.84, metadata={"help": "released rule: bottom/top-n as a width fraction (12000/14336)"})
     protect_data: str = field(default="", metadata={"help": "general-text corpus whose strongly active neurons are never pruned"})
     protect_samples: int = field(default=0, metadata={"help": "lines of --protect-data to probe (0: all)"})
@@ -420,7 +483,10 @@ def resume_or_start(cfg: Config, d) -> tuple:
 
 def round_scores(model, calib, protect, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
     """(neuron (L, I), layer (L,)) scores of the current model, lower = more redundant, with protection."""
-    r = score_pass(model, calib, neuron_rule=cfg.neuron_rule, layer_rule=cfg.layer_rule, top_n=cfg.released_top_n)
+    hooked = cfg.layer_rule if cfg.layer_rule in ("distance", "bi") else None
+    r = score_pass(model, calib, neuron_rule=cfg.neuron_rule, layer_rule=hooked, top_n=cfg.released_top_n)
+    if hooked is None:  # whole-model criteria: extra passes over the calibration data
+        r["layer"] = {"ppl": perplexity_scores, "taylor": taylor_scores}[cfg.layer_rule](model, calib)
     if cfg.neuron_rule == "eq4":
         s = r["neuron"]
         if protect is not None:

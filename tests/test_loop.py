@@ -286,3 +286,16 @@ def test_shortgpt_removes_exactly_the_lowest_block_influence_layers_in_one_round
 def test_a_baseline_without_a_size_is_refused():
     with pytest.raises(ValueError, match="needs a size, --target-ratio"):
         ptl.Config(baseline="shortgpt", target_ratio=0.0, rounds=1)
+
+
+@pytest.mark.parametrize("rule", ["distance", "bi", "ppl", "taylor"])
+def test_every_layer_criterion_ranks_an_identity_layer_least_important(rule, tmp_path):
+    model = tiny_model("llama", layers=4, inter=40)
+    with torch.no_grad():
+        ptl.decoder_layers(model)[2].self_attn.o_proj.weight.zero_()  # f_2(h) = h
+        ptl.ffn(ptl.decoder_layers(model)[2])[2].weight.zero_()
+    run(save(model, tmp_path / "m"), tmp_path / "out", order="lay-neu", layer_rule=rule, layer_target=1,
+        target_ratio=0.0, rounds=1)
+    rec = records(tmp_path / "out")[0]
+    s = rec["scores"]["layer"]
+    assert rec["removed_layers"] == [2] and s[2] == pytest.approx(0, abs=1e-6) and min(s[:2] + s[3:]) > 1e-4

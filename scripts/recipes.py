@@ -1,0 +1,129 @@
+"""One command per paper result: the paper's models, data and hyperparameters (the authors' released values
+noted where they differ), run as a sequence of ptl.py / recover.py / grpo.py / evaluate.py steps.
+
+    python scripts/recipes.py --list
+    python scripts/recipes.py table1-llama --print          # the commands, without running them
+    python scripts/recipes.py table1-llama --gpus 8         # run them (needs the hub and the hardware)
+
+They need a GPU cluster and network; offline each stops at the first hub download with a clear message
+(tests/test_recipes.py). Not yet here: Table 4 (MBPP) and Table 5 (SQuAD) need evaluate.py support for code
+execution and SQuAD EM/F1; SliceGPT is not implemented.
+"""
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptl_common import finished_rounds, parse_config  # noqa: E402
+
+MATH = "AI-MO/NuminaMath-CoT,meta-math/MetaMathQA"
+# Paper: lr 8e-6, 1024 tokens; the released Llama/Qwen yamls: lr 4e-6, 512 tokens. 100k texts per round = the
+# authors' 100k-line chunks, one per round.
+CPT = f"--data {MATH} --samples 100000 --max-length 1024 --lr 8e-6 --global-batch 32 --micro-batch 2 --fsdp --grad-ckpt --save-every 200"
+GRPO = "--data hiyouga/math12k --samples 1200 --max-response-length 3000 --epochs 15 --prompt chat"
+EVAL = "--tasks gsm8k,minerva_math,math500 --engine lm-eval --batch-size 32"
+CALIB = f"--calib-data {MATH} --calib-samples 512 --max-length 1024"
+# Neuron steps of 1000 per round, as the released code: 1000/14336 (Llama-3-8B, Gemma-2-9B), 1000/18944 (Qwen2.5-7B).
+LLAMA = "--model meta-llama/Meta-Llama-3-8B --target-ratio 0.375 --layer-target 2 --neuron-step 0.0698"
+GEMMA = "--model google/gemma-2-9b --target-ratio 0.37 --layer-target 1 --neuron-step 0.0698"
+QWEN = "--model Qwen/Qwen2.5-7B --target-ratio 0.3 --neuron-step 0.0528"
+
+
+@dataclass
+class Recipe:
+    hardware: str
+    paper: str  # the numbers it should land near
+    steps: list[str] = field(default_factory=list)  # "module flags"; {last:DIR} = DIR's last finished round,
+    # {rounds:DIR*N} = N x the rounds DIR holds (Prune-Once's recovery budget = PTL's over all its rounds)
+
+
+def table1(base: str, out: str, recovery: str, paper: str, hardware: str) -> Recipe:
+    """PTL, Prune-Once and ShortGPT at the same target and the same recovery, then Table 1's metrics."""
+    rec = f'--recovery {recovery} --{recovery}-flags "{CPT if recovery == "cpt" else GRPO}"'
+    # Prune-Once and ShortGPT recover once, with all the data PTL used over its rounds
+    once = rec.replace("--samples 100000", f"--samples {{rounds:{out}/ptl*100000}}").replace(
+        "--samples 1200", f"--samples {{rounds:{out}/ptl*1200}}")
+    return Recipe(hardware, paper, [
+        f"ptl {base} {CALIB} {rec} --eval-every-round --eval-flags \"{EVAL} --limit 200\" --out {out}/ptl",
+        f"ptl {base} {CALIB} --baseline prune-once {once} --out {out}/prune_once",
+        f"ptl {base} {CALIB} --baseline shortgpt {once} --out {out}/shortgpt",
+        *(f"evaluate --model {{last:{out}/{m}}} {EVAL} --out {out}/{m}_eval.json" for m in ("ptl", "prune_once", "shortgpt")),
+        f"evaluate --model {base.split()[1]} --compare {{last:{out}/ptl}} {EVAL} --out {out}/speed.json",
+        f"evaluate --report {out}/ptl"])
+
+
+RECIPES = {
+    "table1-llama": table1(LLAMA, "out/llama3", "cpt", "PTL-Llama3-5B (CPT): GSM8K 52.5, Minerva 18.5, MATH-500 16.1; "
+                           "6.3T FLOPs, 2.6x speedup (dense 54.7 / 16.0 / 14.6)", "8x A100-80GB"),
+    "table1-gemma": table1(GEMMA, "out/gemma2", "cpt", "PTL-Gemma2-5B (CPT): GSM8K 70.6, Minerva 26.4, MATH-500 26.2; "
+                           "6.1T FLOPs, 1.3x (dense 70.0 / 29.1 / 26.9)", "8x A100-80GB"),
+    "table1-qwen-rl": table1(QWEN, "out/qwen", "grpo", "PTL-Qwen2.5-5B (RL): GSM8K 84.9, Minerva 24.1, MATH-500 61.2; "
+                             "4.9T FLOPs, 1.2x (dense 85.7 / 26.1 / 61.0)", "8x A100-80GB"),
+    "table2": Recipe("8x A100-80GB", "PTL-Qwen2.5 CT + RL: GSM8K 86.9, Minerva 34.2 (dense 85.7 / 26.1)", [
+        f"ptl {QWEN} {CALIB} --recovery cpt+grpo --cpt-flags \"{CPT}\" --grpo-flags \"{GRPO}\" --out out/table2",
+        f"evaluate --model {{last:out/table2}} {EVAL} --out out/table2_eval.json"]),
+    "table3": Recipe("8x A100-80GB", "Gemma2, order: Neu-Lay best (70.6 / 26.4 / 26.2); others within 6 points", [
+        *(f"ptl {GEMMA} {CALIB} --order {o} --recovery cpt --cpt-flags \"{CPT}\" --out out/table3_{o}"
+          for o in ("neu-lay", "lay-neu", "alternate")),
+        *(f"evaluate --model {{last:out/table3_{o}}} {EVAL} --out out/table3_{o}.json" for o in ("neu-lay", "lay-neu", "alternate"))]),
+    "figure4": Recipe("8x A100-80GB", "step 5% > 10% > 20%: average accuracy +9 and +14 points", [
+        *(f"ptl {GEMMA.replace('--neuron-step 0.0698', f'--neuron-step {s}')} {CALIB} --recovery cpt --cpt-flags \"{CPT}\" "
+          f"--out out/figure4_{s}" for s in ("0.05", "0.1", "0.2")),
+        *(f"evaluate --model {{last:out/figure4_{s}}} {EVAL} --out out/figure4_{s}.json" for s in ("0.05", "0.1", "0.2"))]),
+    "table6": Recipe("8x A100-80GB", "Gemma2 per round: 9.2B -> 5.8B over 8 rounds, GSM8K / MATH per round", [
+        f"ptl {GEMMA} {CALIB} --recovery cpt --cpt-flags \"{CPT}\" --eval-every-round --eval-flags \"{EVAL}\" --out out/table6",
+        "evaluate --report out/table6"]),
+}
+
+
+def resolve(step: str) -> list[str]:
+    """argv of a step, with {last:DIR} and {rounds:DIR} filled in from finished runs."""
+    import re
+
+    def fill(m):
+        kind, d, times = m.group(1), m.group(2), int(m.group(3) or 1)
+        done = finished_rounds(d)
+        if not done:
+            raise FileNotFoundError(f"{d} holds no finished round yet: run the earlier steps first")
+        return f"{d}/round_{done[-1]}" if kind == "last" else str(len(done) * times)
+    return shlex.split(re.sub(r"\{(last|rounds):([^}*]+)(?:\*(\d+))?\}", fill, step))
+
+
+@dataclass
+class Config:
+    """Run (or print) one paper result's commands."""
+    recipe: str = ""
+    list: bool = False
+    print: bool = False
+    gpus: int = 8
+
+
+def main(cfg: Config) -> dict:
+    if cfg.list or not cfg.recipe:
+        for name, r in RECIPES.items():
+            print(f"{name:15s} {r.hardware:14s} {r.paper}")
+        return {}
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {cfg.recipe!r}; --list shows them")
+    r = RECIPES[cfg.recipe]
+    for step in r.steps:
+        module, args = step.split(" ", 1)
+        launcher = ["torchrun", "--nproc_per_node", str(cfg.gpus)] if module != "evaluate" else [sys.executable]
+        if cfg.print:
+            print(" ".join(launcher), f"{module}.py", args)
+            continue
+        subprocess.run([*launcher, str(ROOT / f"{module}.py"), *resolve(args)], check=True, cwd=ROOT)
+    return {"recipe": cfg.recipe, "steps": len(r.steps)}
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if argv and not argv[0].startswith("-"):
+        argv = ["--recipe", *argv]
+    main(parse_config(Config, argv))
