@@ -14,8 +14,10 @@ Choices, against the paper and the authors' released code (github.com/Arrebol-lo
    `--neuron-rule released` reproduces the released code instead (signed, last token; see released_scores).
 3. "For all x" = every non-padding token of every calibration sequence for neurons (a max), and the mean over
    tokens for layers (Eq. 6; the per-token max would be decided by attention-sink tokens).
-4. Layers are scored (Eq. 5, or ShortGPT's Block Influence) and removed by count (--layer-step) or by
-   --sigma-layer; the authors picked layers by hand. A round removes one kind: neurons first (Table 3).
+4. Layers are scored (Eq. 5; or, to compare, ShortGPT's Block Influence, the perplexity change with the
+   layer removed, or a first-order Taylor estimate) and removed by count (--layer-step) or by --sigma-layer;
+   the authors picked layers by hand. A round removes one kind: neurons first (Table 3). The baselines
+   (--baseline prune-once / shortgpt) remove everything in one round instead.
 5. --target-ratio counts all parameters (the paper's 8B -> 5B); the neuron budget is solved exactly from
    the layer budget so the final model lands on the target.
 
