@@ -632,7 +632,8 @@ def main(cfg: Config) -> dict:
             rec["eval"] = evaluate_round(model, tok, cfg)
         after = count_params(model)
         rec.update(copy.deepcopy(state), kind=kind, params_before=before, params_after=after,
-                   scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]), time_s=time.time() - t0, config=asdict(cfg))
+                   scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]), layer_rule=rcfg.layer_rule,
+                   time_s=time.time() - t0, config=asdict(cfg))
         save_checkpoint(out / f"round_{rec['round']}", model, tok, json_files={"ptl_record.json": rec},
                         tensors={"scores.safetensors": {"neuron_scores": s_neu, "layer_scores": s_lay}},
                         copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})

@@ -278,7 +278,7 @@ def test_shortgpt_removes_exactly_the_lowest_block_influence_layers_in_one_round
     ratio = 1.5 * per_layer / count_params(model)["total"]  # more than one layer's worth: two must go
     result = run(save(model, tmp_path / "m"), tmp_path / "out", baseline="shortgpt", target_ratio=ratio)
     rec = records(tmp_path / "out")[0]
-    assert result["rounds"] == 1 and rec["kind"] == "shortgpt"
+    assert result["rounds"] == 1 and rec["kind"] == "shortgpt" and rec["layer_rule"] == "bi"
     assert rec["removed_layers"] == [1, 4] and rec["removed_neurons"] == {}
     assert rec["scores"]["layer"][1] == pytest.approx(0, abs=1e-6) and rec["scores"]["layer"][4] == pytest.approx(0, abs=1e-6)
 
