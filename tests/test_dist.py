@@ -46,3 +46,16 @@ def test_two_ranks_prune_and_recover_like_one(fsdp, tiny_dirs, tmp_path):
         assert la == pytest.approx(lb, rel=1e-5) and len(la) == 3
     a, b = (load_file(d / "round_2" / "model.safetensors") for d in (one, two))
     assert_trained_alike(a, b, lr=1e-3, steps=2 * 3)
+
+
+@pytest.mark.parametrize("rule", ["ppl", "taylor"])
+def test_two_ranks_rank_layers_like_one_with_the_whole_model_criteria(rule, tiny_dirs, tmp_path):
+    flags = ["--model", tiny_dirs["llama"], "--calib-samples", "10", "--max-length", "48", "--batch-size", "2",
+             "--rounds", "1", "--order", "lay-neu", "--layer-target", "1", "--target-ratio", "0", "--layer-rule", rule]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run([sys.executable, "ptl.py", *flags, "--out", str(one)], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                    "ptl.py", *flags, "--out", str(two)], cwd=ROOT, check=True)
+    a, b = (load_file(d / "round_1" / "scores.safetensors")["layer_scores"] for d in (one, two))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert ptl_common.load_record(one / "round_1")["removed_layers"] == ptl_common.load_record(two / "round_1")["removed_layers"]
