@@ -30,6 +30,7 @@ Choices:
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -123,17 +124,22 @@ def forward_flops(config, seq_len: int, batch: int = 1) -> int:
 # ----------------------------------------------------------------------------- benchmarks and prompts
 
 
+def benchmark_file(name: str, data_dir: str) -> Path:
+    """The local file of benchmark `name` under --data-dir (the layout of ../shared/data); it must exist."""
+    path = (Path(data_dir).expanduser() / BENCHMARKS[name][0]).resolve()
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name][0]} (the layout of ../shared/data)")
+    return path
+
+
 def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[str, str]]:
     """(question, gold answer) rows of a benchmark in file order: from --data-dir (the ../shared/data layout)
     or, without it, the hub."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
-    local, hub, _, _ = BENCHMARKS[name]
+    hub = BENCHMARKS[name][1]
     if data_dir:
-        path = Path(data_dir).expanduser() / local
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: --data-dir must hold {local} (the layout of ../shared/data)")
-        rows = read_jsonl(path)
+        rows = read_jsonl(benchmark_file(name, data_dir))
     elif hub is None:
         raise ValueError(f"{name}: the 272 Minerva OCW problems have no hub copy; pass --data-dir, or use "
                          "--engine lm-eval for lm-eval's minerva_math (the MATH test set)")
@@ -254,8 +260,6 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
             mask[b, c + S - (len(ids[i]) - c) :] = 1
         cache = None
         if prefix_cache is not None:
-            import copy
-
             cache = copy.deepcopy(prefix_cache)
             cache.batch_repeat_interleave(len(batch))
         new = greedy(model, tok, x.to(dev), mask.to(dev), cache, max_new_tokens=max_new_tokens, stop=[s for s in stop if s])
@@ -309,9 +313,7 @@ def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str
         if not data_dir:  # lm-eval's own task and dataset, from the hub
             tasks.append(BENCHMARKS[name][3])
             continue
-        path = (Path(data_dir).expanduser() / BENCHMARKS[name][0]).resolve()
-        if not path.exists():
-            raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name][0]}")
+        path = benchmark_file(name, data_dir)
         spec = {"include": str(parent[name]), "task": f"ptl_{name}", "dataset_path": "json", "dataset_name": None,
                 "dataset_kwargs": {"data_files": {"test": str(path)}}, "test_split": "test", "training_split": None}
         (where / f"ptl_{name}.yaml").write_text(yaml.safe_dump(spec))
@@ -328,18 +330,19 @@ def evaluate_lm_eval(model, tok, cfg: "Config") -> dict:
 
     if cfg.prompt != "fewshot":
         raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks; use --engine builtin for --prompt chat")
+    names, extra = cfg.task_list(), cfg.extra_lm_eval_tasks()
     with tempfile.TemporaryDirectory() as where:
-        tasks = lm_eval_task_yamls(cfg.task_list(), cfg.data_dir, Path(where))
+        tasks = lm_eval_task_yamls(names, cfg.data_dir, Path(where)) + extra
         paths = [where] + ([cfg.include_path] if cfg.include_path else [])
         lm = HFLM(pretrained=model, tokenizer=tok, batch_size=cfg.batch_size, add_bos_token=cfg.add_bos,
                   max_gen_toks=cfg.max_new_tokens, device=str(next(model.parameters()).device))
         t0 = time.perf_counter()
-        out = simple_evaluate(model=lm, tasks=tasks + cfg.extra_lm_eval_tasks(), limit=cfg.limit or None,
+        out = simple_evaluate(model=lm, tasks=tasks, limit=cfg.limit or None,
                               task_manager=TaskManager(include_path=paths), log_samples=True,
                               gen_kwargs={"max_gen_toks": cfg.max_new_tokens})
         secs = time.perf_counter() - t0
     results = {}
-    for name, task in zip(cfg.task_list() + cfg.extra_lm_eval_tasks(), tasks + cfg.extra_lm_eval_tasks()):
+    for name, task in zip(names + extra, tasks):
         m = {k: float(v) for k, v in out["results"][task].items() if "," in k and "stderr" not in k}  # "metric,filter"
         acc = m.get("exact_match,flexible-extract", m.get("math_verify,none", next(iter(m.values()), math.nan)))
         docs = {}  # lm-eval logs one sample per (question, filter)

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
                         human, import_evaluate, is_main, load_model, load_record, load_rows, load_texts, make_batches,
                         parse_config, print0, save_checkpoint, setup_dist, unshadow_evaluate)
+import recover
 
 # ----------------------------------------------------------------------------- accessors
 # The only model-specific knowledge in PTL: where the decoder layers are, and what their FFN is.
@@ -228,15 +229,19 @@ def layer_scores(model, batches, *, rule: str = "distance") -> torch.Tensor:
     return score_pass(model, batches, neuron_rule=None, layer_rule=rule)["layer"]
 
 
+def calib_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of next-token cross-entropies over a right-padded batch's real tokens, their count)."""
+    dev = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return recover.token_loss_sum(logits, ids.masked_fill(mask == 0, -100))
+
+
 def lm_loss(model, batches) -> torch.Tensor:
     """Mean next-token cross-entropy over the real tokens of `batches` (log perplexity), over all ranks."""
-    dev = next(model.parameters()).device
-    tot = torch.zeros(2, dtype=torch.float64, device=dev)  # (sum of token losses, tokens)
+    tot = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # (loss sum, tokens)
     for b in batches:
-        ids, m = b["input_ids"].to(dev), b["attention_mask"].to(dev).bool()
-        logits = model(input_ids=ids, attention_mask=m.long(), use_cache=False).logits[:, :-1].float()
-        keep = m[:, 1:] & m[:, :-1]  # (B, T-1): a real token predicted from a real one
-        tot += torch.stack([F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum").double(), keep.sum().double()])
+        tot += torch.stack(calib_loss(model, b)).double()
     all_reduce_(tot)
     return tot[0] / tot[1].clamp(min=1)
 
@@ -266,27 +271,19 @@ def taylor_scores(model, batches) -> torch.Tensor:
     """(L,) |sum_{w in layer l} w * dLoss/dw|: the first-order change of the calibration loss when layer l's
     weights are set to zero (Taylor criterion, Molchanov et al., 2019, as used for blocks by Kim et al.,
     2024). Gradients are summed over ranks before the products are taken."""
-    layers = decoder_layers(model)
-    params = [list(layer.parameters()) for layer in layers]
-    grads = [[torch.zeros_like(w) for w in ps] for ps in params]
-    dev = next(model.parameters()).device
+    per_layer = [list(layer.parameters()) for layer in decoder_layers(model)]
+    flat = [w for ps in per_layer for w in ps]
+    grads = [torch.zeros_like(w) for w in flat]
+    tokens = torch.zeros((), dtype=torch.float64, device=flat[0].device)
     for b in batches:
-        ids, m = b["input_ids"].to(dev), b["attention_mask"].to(dev)
-        logits = model(input_ids=ids, attention_mask=m, use_cache=False).logits[:, :-1].float()
-        keep = (m[:, 1:] * m[:, :-1]).bool()
-        loss = F.cross_entropy(logits[keep], ids[:, 1:][keep], reduction="sum")
-        gs = torch.autograd.grad(loss, [w for ps in params for w in ps], allow_unused=True)
-        flat = iter(gs)
-        for acc in grads:
-            for a in acc:
-                g = next(flat)
-                if g is not None:
-                    a += g
-    tokens = all_reduce_(torch.tensor(float(sum(int((b["attention_mask"][:, 1:] * b["attention_mask"][:, :-1]).sum())
-                                                for b in batches)), device=dev))
-    scores = []
-    for ps, acc in zip(params, grads):
-        scores.append(sum((w.detach().double() * all_reduce_(a).double()).sum() for w, a in zip(ps, acc)).abs() / tokens)
+        loss, n = calib_loss(model, b)
+        tokens += n
+        for acc, g in zip(grads, torch.autograd.grad(loss, flat, allow_unused=True)):
+            if g is not None:
+                acc += g
+    all_reduce_(tokens)
+    wg = iter((w.detach().double() * all_reduce_(g).double()).sum() for w, g in zip(flat, grads))
+    scores = [sum(next(wg) for _ in ps).abs() / tokens for ps in per_layer]
     return torch.stack(scores).float().cpu()
 
 
@@ -514,7 +511,6 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path):
     model, in that order, each on round t's own slice of its data (the paper partitions its corpora so that
     no round repeats data). -> (model, {"cpt": summary, "grpo": summary})"""
     import grpo
-    import recover
 
     summaries = {}
     for kind in cfg.recovery.split("+"):

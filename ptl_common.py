@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import types
 import typing
 from contextlib import contextmanager
@@ -185,8 +186,6 @@ _ROOT = Path(__file__).resolve().parent
 def import_evaluate():
     """This project's evaluate.py, imported as `ptl_evaluate`: Hugging Face's `evaluate` package has the same
     name and lm-eval imports it inside some tasks (mbpp, squad), so `sys.modules["evaluate"]` stays theirs."""
-    import sys
-
     if "ptl_evaluate" not in sys.modules:
         spec = importlib.util.spec_from_file_location("ptl_evaluate", _ROOT / "evaluate.py")
         module = importlib.util.module_from_spec(spec)
@@ -199,8 +198,6 @@ def unshadow_evaluate() -> None:
     """Move this checkout's directory behind site-packages on sys.path. `python evaluate.py` (or ptl.py) puts
     it first, where our evaluate.py would answer an lm-eval task's `import evaluate`; behind site-packages
     our modules stay importable (nothing installed has their names) and `evaluate` is Hugging Face's."""
-    import sys
-
     mine = [p for p in sys.path if p and Path(p).resolve() == _ROOT]
     if mine:
         sys.path[:] = [p for p in sys.path if p not in mine] + mine[:1]

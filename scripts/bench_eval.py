@@ -7,17 +7,17 @@ often the two agree on the extracted answer. Each engine runs in its own subproc
 """
 from __future__ import annotations
 
-import json
+import os
 import statistics
-import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sides import emit, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
 
 
@@ -48,20 +48,9 @@ def run(cfg: Config) -> dict:
 
 def main(cfg: Config) -> dict:
     if cfg.worker:
-        res = run(cfg)
-        print("RESULT " + json.dumps(res))
-        return res
+        return emit(run(cfg))
     ev = import_evaluate()
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("worker", "repeats")]
-    runs = {"builtin": [], "lm-eval": []}
-    for _ in range(cfg.repeats):
-        for side in runs:
-            p = subprocess.run([sys.executable, __file__, *flags, f"--worker={side}"], capture_output=True, text=True,
-                               env={**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"})
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")
-            runs[side].append(json.loads(line[0][7:]))
+    runs = run_sides(__file__, cfg, ["builtin", "lm-eval"], env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     ours, theirs = runs["builtin"][0]["samples"], {s["question"]: s for s in runs["lm-eval"][0]["samples"]}
     same_text = sum(s["output"] == theirs[s["question"]]["output"] for s in ours)
     # lm-eval's gsm8k_cot scores "strict-match" and "flexible-extract"; ours takes "The answer is N" when there

@@ -14,17 +14,17 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
+from sides import emit, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
 
 
@@ -149,18 +149,8 @@ def run_trl(cfg: Config) -> dict:
 
 def main(cfg: Config) -> dict:
     if cfg.worker:
-        res = run_trl(cfg) if cfg.worker == "trl" else run_ours(cfg, 1 if cfg.worker == "ours-gen1" else 0)
-        print("RESULT " + json.dumps(res))
-        return res
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("worker", "repeats")]
-    runs = {s: [] for s in cfg.sides.split(",")}
-    for _ in range(cfg.repeats):
-        for side in runs:
-            p = subprocess.run([sys.executable, __file__, *flags, f"--worker={side}"], capture_output=True, text=True)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")
-            runs[side].append(json.loads(line[0][7:]))
+        return emit(run_trl(cfg) if cfg.worker == "trl" else run_ours(cfg, 1 if cfg.worker == "ours-gen1" else 0))
+    runs = run_sides(__file__, cfg, cfg.sides.split(","))
     print(f"model {cfg.model} | {cfg.steps} steps of {cfg.prompts} prompts x {cfg.group_size} responses, up to "
           f"{cfg.max_response_length} tokens | {cfg.repeats} runs each, alternated | first step skipped in times")
     res = {}

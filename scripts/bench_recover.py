@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
+from sides import emit, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
 
 
@@ -104,17 +104,8 @@ def main(cfg: Config) -> dict:
     if cfg.worker:
         res = {"ours": run_ours, "trainer": run_trainer}[cfg.worker](cfg)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print("RESULT " + json.dumps(res))
-        return res
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items() if k not in ("worker", "repeats")]
-    runs = {"ours": [], "trainer": []}
-    for _ in range(cfg.repeats):
-        for side in runs:
-            p = subprocess.run([sys.executable, __file__, *flags, f"--worker={side}"], capture_output=True, text=True)
-            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-            if p.returncode or not line:
-                raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")
-            runs[side].append(json.loads(line[0][7:]))
+        return emit(res)
+    runs = run_sides(__file__, cfg, ["ours", "trainer"])
     tokens = cfg.global_batch * cfg.max_length
     res = {}
     for side, rs in runs.items():  # the first step holds one-off costs (allocation, warm caches): skip it

@@ -11,6 +11,7 @@ execution and SQuAD EM/F1; SliceGPT is not implemented.
 """
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 import sys
@@ -84,8 +85,6 @@ RECIPES = {
 
 def resolve(step: str) -> list[str]:
     """argv of a step, with {last:DIR} and {rounds:DIR} filled in from finished runs."""
-    import re
-
     def fill(m):
         kind, d, times = m.group(1), m.group(2), int(m.group(3) or 1)
         done = finished_rounds(d)

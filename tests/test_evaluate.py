@@ -1,6 +1,8 @@
 """evaluate.py: answer extraction and grading goldens, FLOPs against torch's counter, generation paths that
 agree, both engines on the same generations, the report of a real PTL run, and no clash with HF's evaluate."""
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -185,8 +187,8 @@ def test_scripts_run_from_the_repo_root_leave_import_evaluate_to_hugging_face(tm
     (tmp_path / "tasks" / "probe.yaml").write_text(PROBE_YAML.format(data=tmp_path / "probe.jsonl"))
     (tmp_path / "tasks" / "utils.py").write_text(PROBE_UTILS)
     flags = f"--engine lm-eval --tasks '' --lm-eval-tasks probe_hf_evaluate --include-path {tmp_path / 'tasks'} --max-new-tokens 4"
-    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1"}
-    subprocess.run([sys.executable, "evaluate.py", "--model", tiny_dirs["llama"], *__import__("shlex").split(flags),
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
+    subprocess.run([sys.executable, "evaluate.py", "--model", tiny_dirs["llama"], *shlex.split(flags),
                     "--out", str(tmp_path / "r.json")], cwd=ROOT, check=True, env=env)
     assert json.loads((tmp_path / "r.json").read_text())["model"]["probe_hf_evaluate"]["accuracy"] == 1.0
     subprocess.run([sys.executable, "ptl.py", "--model", tiny_dirs["llama"], "--calib-samples", "4", "--rounds", "1",
