@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
                         human, is_main, load_model, load_record, parse_config, print0, read_jsonl, setup_dist,
                         unshadow_evaluate)
 from grpo import last_boxed, question_answer
@@ -54,7 +54,9 @@ BENCHMARKS = {  # name: (file under --data-dir, hub dataset, answer style, lm-ev
     "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k:main", "gsm8k", "gsm8k_cot"),
     "minerva_math": ("minerva_math/test.jsonl", None, "boxed", "minerva_math"),
     "math500": ("math500/test.jsonl", "HuggingFaceH4/MATH-500", "boxed", "minerva_math500"),
+    "offline": (None, None, "boxed", None),  # held-out generated arithmetic (ptl_common.held_out), no files
 }
+OFFLINE_SIZE = 1000  # questions of `offline` without --limit
 
 # ----------------------------------------------------------------------------- answers (pure)
 
@@ -134,10 +136,13 @@ def benchmark_file(name: str, data_dir: str) -> Path:
 
 def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[str, str]]:
     """(question, gold answer) rows of a benchmark in file order: from --data-dir (the ../shared/data layout)
-    or, without it, the hub."""
+    or, without it, the hub; `offline` is generated (the held-out split of ptl_common.OfflineReasoning)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
     hub = BENCHMARKS[name][1]
+    if name == "offline":  # the test split: disjoint from every offline training and calibration row
+        ds = OfflineReasoning(seed=0, split="test")
+        return [(r["question"], r["final"]) for r in (ds[i] for i in range(limit or OFFLINE_SIZE))]
     if data_dir:
         rows = read_jsonl(benchmark_file(name, data_dir))
     elif hub is None:
@@ -160,7 +165,10 @@ def lm_eval_tasks_dir() -> Path:
 
 
 def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str]]:
-    """(worked examples as (question, solution), query template, stop strings) of lm-eval's task for `name`."""
+    """(worked examples as (question, solution), query template, stop strings) of lm-eval's task for `name`;
+    `offline` is zero-shot in the training format of its train split (ptl_common.record_text)."""
+    if name == "offline":
+        return [], "Question: {q} Answer:", ["Question:"]
     if BENCHMARKS[name][2] == "gsm8k":
         import yaml
 
@@ -331,6 +339,8 @@ def evaluate_lm_eval(model, tok, cfg: "Config") -> dict:
     if cfg.prompt != "fewshot":
         raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks; use --engine builtin for --prompt chat")
     names, extra = cfg.task_list(), cfg.extra_lm_eval_tasks()
+    if "offline" in names:
+        raise ValueError("the `offline` benchmark is generated here and has no lm-eval task; use --engine builtin")
     with tempfile.TemporaryDirectory() as where:
         tasks = lm_eval_task_yamls(names, cfg.data_dir, Path(where)) + extra
         paths = [where] + ([cfg.include_path] if cfg.include_path else [])
@@ -479,9 +489,9 @@ def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 class Config:
     """Accuracy (GSM8K, Minerva Math, MATH-500), FLOPs, speedup, and the report of a PTL run."""
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir or a hub name"})
-    compare: str = field(default="", metadata={"help": "a second model (e.g. the pruned one): both evaluated, FLOP ratio and measured speedup"})
+    compare: str = field(default="", metadata={"help": "further models, comma-separated (e.g. pruned ones): all evaluated; FLOP ratio and speedup over --model, timed alternately"})
     report: str = field(default="", metadata={"help": "a PTL run directory: write report.md, report.json and rounds.png there"})
-    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500"})
+    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated arithmetic)"})
     data_dir: str = field(default="", metadata={"help": "local benchmark files in the layout of ../shared/data (empty: the hub)"})
     engine: Literal["builtin", "lm-eval"] = "builtin"
     prompt: Literal["fewshot", "chat"] = field(default="fewshot", metadata={"help": "lm-eval's few-shot prompts, or zero-shot R1-style through the chat template"})
@@ -524,24 +534,28 @@ def main(cfg: Config) -> dict:
     d = setup_dist(cfg.device)
     if cfg.engine == "lm-eval" and d.world > 1:
         raise ValueError("--engine lm-eval evaluates an in-memory model in one process: run it with python, not torchrun")
-    names = {"model": cfg.model, **({"compare": cfg.compare} if cfg.compare else {})}
-    models = {k: load_model(v, dtype=cfg.dtype, device=d.device) for k, v in names.items()}
-    tok = models["model"][1]
-    res = {k: evaluate_model(m, t, cfg) for k, (m, t) in models.items()}
-    for k, r in res.items():
-        print0(summary_line(names[k], r))
-    if cfg.compare:
-        a, b = models["model"][0], models["compare"][0]
-        ratio = forward_flops(a.config, 128) / forward_flops(b.config, 128)
+    names = [cfg.model] + [c for c in cfg.compare.split(",") if c]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--model and --compare name the same model twice ({names}): give each once")
+    models = {n: load_model(n, dtype=cfg.dtype, device=d.device) for n in names}
+    tok = models[cfg.model][1]
+    res = {n: evaluate_model(m, t, cfg) for n, (m, t) in models.items()}
+    for n, r in res.items():
+        print0(summary_line(n, r))
+    if len(names) > 1:  # every model against the first, timed alternately in one run (measure_speed)
         prompt = build_prompts((cfg.task_list() or ["gsm8k"])[0], ["What is 12 + 30?"], tok, cfg.prompt)[0][0]
-        speed = measure_speed({"model": a, "compare": b}, tok, prompt, batch=cfg.speed_batch,
+        speed = measure_speed({n: m for n, (m, _) in models.items()}, tok, prompt, batch=cfg.speed_batch,
                               new_tokens=cfg.speed_new_tokens, warmup=cfg.warmup, repeats=cfg.repeats)
-        res["speed"] = {**speed, "flop_ratio_128": ratio, "counts": {k: count_params(m) for k, (m, _) in models.items()},
-                        "prefill_speedup": speed["model"]["prefill_s"] / speed["compare"]["prefill_s"],
-                        "decode_speedup": speed["compare"]["decode_tokens_per_s"] / speed["model"]["decode_tokens_per_s"]}
-        print0(f"{cfg.compare} vs {cfg.model}: FLOP ratio {ratio:.3f}x (128 tokens) | prefill speedup "
-               f"{res['speed']['prefill_speedup']:.3f}x | decode speedup {res['speed']['decode_speedup']:.3f}x "
-               f"(batch {cfg.speed_batch}, {cfg.speed_new_tokens} new tokens, median of {cfg.repeats})")
+        base, res["speed"] = models[cfg.model][0], {}
+        for n in names[1:]:
+            m, s0, s1 = models[n][0], speed[cfg.model], speed[n]
+            res["speed"][n] = {**s1, "flop_ratio_128": forward_flops(base.config, 128) / forward_flops(m.config, 128),
+                               "params": count_params(m), "prefill_speedup": s0["prefill_s"] / s1["prefill_s"],
+                               "decode_speedup": s1["decode_tokens_per_s"] / s0["decode_tokens_per_s"]}
+            print0(f"{n} vs {cfg.model}: FLOP ratio {res['speed'][n]['flop_ratio_128']:.3f}x (128 tokens) | prefill "
+                   f"speedup {res['speed'][n]['prefill_speedup']:.3f}x | decode speedup {res['speed'][n]['decode_speedup']:.3f}x "
+                   f"(batch {cfg.speed_batch}, {cfg.speed_new_tokens} new tokens, median of {cfg.repeats})")
+        res["speed"][cfg.model] = {**speed[cfg.model], "params": count_params(base)}
     if cfg.out and is_main():
         atomic_write_json(cfg.out, {"config": asdict(cfg), **res})
     cleanup_dist()

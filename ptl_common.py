@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import hashlib
 import importlib.util
 import itertools
 import json
@@ -414,21 +415,34 @@ def load_rows(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "tr
     return rows
 
 
+def held_out(question: str) -> bool:
+    """Whether an offline problem belongs to the held-out test split: 1 problem in 16, by a stable hash of its
+    text. A split by content, not by index or seed: reasoning-gym seeds item i with seed + i, so two seeds
+    share almost every item, and a small problem ("3 + 4 =") recurs at many indices."""
+    return hashlib.sha1(question.encode()).digest()[0] < 16
+
+
 class OfflineReasoning(typing.Sequence):
-    """Arithmetic problems with a step-by-step answer, made offline from reasoning-gym generators; item i is
-    a pure function of (seed, i), so any slice can be drawn without building the rest.
+    """Arithmetic problems with a step-by-step answer, made offline from reasoning-gym generators.
 
     Even items are `chain_sum` (a +- b +- c ...), odd items `leg_counting` (animals x legs, then a sum);
     `easy` gives only one-digit a +- b, a task a 135M model can earn GRPO reward on. The chain of thought is
     derived from each item's metadata, in the format GRPO rewards: "<think>steps</think> The answer is
-    \\boxed{N}.", so continual pre-training on it and GRPO on it form one pipeline."""
+    \\boxed{N}.", so continual pre-training on it and GRPO on it form one pipeline.
+
+    split="train" (every training and calibration use) never yields a `held_out` problem: item i is a pure
+    function of (seed, i), redrawn from index i + SIZE, i + 2 SIZE, ... while it is held out, so any slice is
+    drawn without building the rest. split="test" is the held-out problems in generator order (evaluate.py's
+    `offline` benchmark): no problem of it appears in any training data, under any seed."""
     SIZE = 1_000_000
 
-    def __init__(self, seed: int, easy: bool = False):
+    def __init__(self, seed: int, easy: bool = False, split: typing.Literal["train", "test"] = "train"):
         import reasoning_gym as rg
         from reasoning_gym.arithmetic.leg_counting import ANIMALS
 
-        half, self.easy = self.SIZE // 2, easy
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', not {split!r}")
+        half, self.easy, self.split, self._test = self.SIZE // 2, easy, split, []
         self.legs_per = ANIMALS
         terms, digits = (2, 1) if easy else (5, 3)
         self.sums = rg.create_dataset("chain_sum", size=self.SIZE if easy else half, seed=seed, min_terms=2,
@@ -439,6 +453,20 @@ class OfflineReasoning(typing.Sequence):
         return self.SIZE
 
     def __getitem__(self, i: int) -> dict:
+        if self.split == "test":
+            g = (self._test[-1] + 1) if self._test else 0
+            while len(self._test) <= i:  # scan the generator for held-out problems (1 in 16)
+                if held_out(self._item(g)["question"]):
+                    self._test.append(g)
+                g += 1
+            return self._item(self._test[i])
+        item = self._item(i)
+        while held_out(item["question"]):
+            i += self.SIZE
+            item = self._item(i)
+        return item
+
+    def _item(self, i: int) -> dict:
         legs = i % 2 == 1 and not self.easy
         item = self.legs[i // 2] if legs else self.sums[i if self.easy else i // 2]
         m, steps = item["metadata"], []

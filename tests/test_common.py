@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import char_tokenizer
-from ptl_common import (OfflineReasoning, atomic_dir, atomic_write_json, load_texts, make_batches, offline_reasoning, parse_config,
+from ptl_common import (OfflineReasoning, atomic_dir, atomic_write_json, held_out, load_texts, make_batches, offline_reasoning, parse_config,
                         record_text)
 
 
@@ -22,6 +22,19 @@ def test_offline_reasoning_is_deterministic_and_its_arithmetic_is_right():
     assert [("legs" in i["question"]) for i in a[:4]] == [False, True, False, True], "the two tasks alternate"
     easy = [OfflineReasoning(3, easy=True)[i] for i in range(20)]
     assert all(re.fullmatch(r"<think>-?\d [-+] -?\d = -?\d+\.</think> The answer is \\boxed\{-?\d+\}\.", e["answer"]) for e in easy)
+
+
+def test_no_held_out_problem_is_in_any_training_slice_under_any_seed():
+    test = OfflineReasoning(0, split="test")
+    held = {test[i]["question"] for i in range(300)}
+    assert all(held_out(q) for q in held) and len(held) > 250
+    for seed in (0, 1, 7):  # reasoning-gym seeds item i with seed + i: other seeds reuse the same problems
+        train = OfflineReasoning(seed)
+        seen = {train[i]["question"] for i in range(3000)}
+        assert not seen & held and not any(held_out(q) for q in seen)
+    raw = [OfflineReasoning(0)._item(i)["question"] for i in range(3000)]
+    assert 0.03 < sum(map(held_out, raw)) / len(raw) < 0.1, "about 1 problem in 16 is held out"
+    assert [OfflineReasoning(0)[i] for i in range(50)] == [OfflineReasoning(0)[i] for i in range(50)]
 
 
 @pytest.mark.parametrize("rec, text", [

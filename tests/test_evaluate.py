@@ -228,3 +228,31 @@ def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(
     dense, r1 = ev.report(tmp_path)["rows"]
     assert dense["retention"] == {"gsm8k": 1.0} and r1["retention"] == {"gsm8k": pytest.approx(0.4)}
     assert r1["removed"] == pytest.approx(1 - rec["params_after"]["total"] / rec["params_before"]["total"])
+
+
+def test_the_offline_benchmark_is_the_held_out_split_asked_zero_shot_in_the_training_format():
+    rows = ev.load_benchmark("offline", "", limit=6)
+    assert len(rows) == 6 and all(ptl_common.held_out(q) for q, _ in rows)
+    test = ptl_common.OfflineReasoning(0, split="test")
+    assert rows == [(test[i]["question"], test[i]["final"]) for i in range(6)]
+    prompts, stop = ev.build_prompts("offline", [rows[0][0]], char_tokenizer(), "fewshot")
+    assert prompts == [f"Question: {rows[0][0]} Answer:"] and stop == ["Question:"]
+    assert ev.extract_answer(test[0]["answer"], ev.BENCHMARKS["offline"][2]) == test[0]["final"]
+    with pytest.raises(ValueError, match="no lm-eval task; use --engine builtin"):
+        ev.evaluate_lm_eval(None, None, ev.Config(tasks="offline", engine="lm-eval"))
+
+
+def test_compare_evaluates_every_model_and_times_each_against_the_first(tmp_path, tiny_dirs):
+    ptl.main(ptl.Config(model=tiny_dirs["llama"], calib_samples=4, max_length=32, rounds=2, order="alternate",
+                        layer_target=1, out=str(tmp_path)))
+    a, b = str(tmp_path / "round_1"), str(tmp_path / "round_2")
+    res = ev.main(ev.Config(model=tiny_dirs["llama"], compare=f"{a},{b}", tasks="offline", limit=3, max_new_tokens=3,
+                            warmup=0, repeats=1, speed_new_tokens=3, out=str(tmp_path / "eval.json")))
+    assert [k for k in res if k != "speed"] == [tiny_dirs["llama"], a, b] and all(res[k]["offline"]["n"] == 3 for k in (a, b))
+    s = res["speed"]
+    assert 1.0 < s[a]["flop_ratio_128"] < s[b]["flop_ratio_128"], "round 2 also drops a layer"
+    assert s[b]["params"]["total"] < s[a]["params"]["total"] < s[tiny_dirs["llama"]]["params"]["total"]
+    assert all(s[k]["prefill_speedup"] > 0 and s[k]["decode_speedup"] > 0 for k in (a, b))
+    assert json.loads((tmp_path / "eval.json").read_text())["speed"][b]["flop_ratio_128"] == s[b]["flop_ratio_128"]
+    with pytest.raises(ValueError, match="same model twice"):
+        ev.main(ev.Config(model=a, compare=a, tasks="offline"))
