@@ -1,12 +1,14 @@
 """Evaluation: the paper's Table 1 metrics (Section 3.1) and the report of a PTL run (Figure 3, Table 6).
 
-Accuracy on GSM8K, Minerva Math and MATH-500; FLOPs per question; measured speedup of a pruned model over the
-dense one; recovery time from a run's records.
+Accuracy on GSM8K, Minerva Math and MATH-500 (Table 1), MBPP pass@1 (Table 4), SQuAD exact match and F1
+(Table 5), and held-out generated arithmetic (`offline`, for the CPU miniature); FLOPs per question; measured
+speedup of pruned models over the dense one; recovery time from a run's records.
 
     python evaluate.py --model out/smollm2/round_2 --tasks gsm8k,minerva_math,math500 --data-dir ../shared/data
     python evaluate.py --model smollm2-135m --compare out/smollm2/round_2 --tasks gsm8k --data-dir ../shared/data
     python evaluate.py --model smollm2-135m --tasks gsm8k --data-dir ../shared/data --engine lm-eval --limit 20
     python evaluate.py --report out/smollm2           # report.md, report.json, rounds.png
+    python evaluate.py --model out/dense --compare out/ptl/round_7,out/shortgpt/round_1 --tasks offline --limit 400
 
 Choices:
 1. Prompts are lm-eval's, taken from lm-eval's own task files, so both engines send the same tokens: GSM8K is
@@ -24,22 +26,33 @@ Choices:
 4. FLOPs per question = forward_flops(config, prompt + generated tokens): one forward over the whole sequence,
    every matmul counted (LM head and attention scores included, embeddings excluded), averaged over the
    benchmark's actual lengths.
-5. Hugging Face's `evaluate` package has this module's import name and lm-eval imports it inside some tasks.
+5. MBPP and SQuAD are graded here, not by lm-eval (whose versions need Hugging Face evaluate's metrics from
+   the hub): MBPP with lm-eval mbpp's 3-shot prompt, the generation run against the problem's asserts in a fresh
+   `python -I` with a timeout, an empty environment and no network (passes_tests); SQuAD v1.1 with lm-eval
+   squadv2's zero-shot prompt, answered up to the newline, EM and F1 after the official normalisation.
+6. Hugging Face's `evaluate` package has this module's import name and lm-eval imports it inside some tasks.
    This file is never installed; ptl.py loads it as `ptl_evaluate` (ptl_common.import_evaluate), and run as a
    script it moves its own directory behind site-packages so `import evaluate` finds Hugging Face's.
 """
 from __future__ import annotations
 
+import ast
 import copy
 import json
 import math
+import os
 import re
 import statistics
+import string
+import subprocess
+import sys
 import tempfile
 import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -50,11 +63,21 @@ from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, atomic_wri
 from grpo import last_boxed, question_answer
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
-BENCHMARKS = {  # name: (file under --data-dir, hub dataset, answer style, lm-eval task)
-    "gsm8k": ("gsm8k/test.jsonl", "openai/gsm8k:main", "gsm8k", "gsm8k_cot"),
-    "minerva_math": ("minerva_math/test.jsonl", None, "boxed", "minerva_math"),
-    "math500": ("math500/test.jsonl", "HuggingFaceH4/MATH-500", "boxed", "minerva_math500"),
-    "offline": (None, None, "boxed", None),  # held-out generated arithmetic (ptl_common.held_out), no files
+class Benchmark(NamedTuple):
+    file: str | None  # under --data-dir (the layout of ../shared/data)
+    hub: str | None  # "repo:config"
+    style: str  # how an output is graded: gsm8k, boxed (math-verify), code (MBPP tests), squad (EM/F1)
+    lm_eval: str | None  # lm-eval's task of the same benchmark
+    split: str = "test"
+
+
+BENCHMARKS = {
+    "gsm8k": Benchmark("gsm8k/test.jsonl", "openai/gsm8k:main", "gsm8k", "gsm8k_cot"),
+    "minerva_math": Benchmark("minerva_math/test.jsonl", None, "boxed", "minerva_math"),
+    "math500": Benchmark("math500/test.jsonl", "HuggingFaceH4/MATH-500", "boxed", "minerva_math500"),
+    "offline": Benchmark(None, None, "boxed", None),  # held-out generated arithmetic (ptl_common.held_out)
+    "mbpp": Benchmark("mbpp/test.jsonl", "google-research-datasets/mbpp:full", "code", "mbpp"),  # Table 4
+    "squad": Benchmark("squad/validation.jsonl", "rajpurkar/squad", "squad", None, "validation"),  # Table 5 (v1.1)
 }
 OFFLINE_SIZE = 1000  # questions of `offline` without --limit
 
@@ -108,6 +131,46 @@ def is_correct(pred: str | None, gold: str, timeout: float = 5.0) -> bool | None
         return False
 
 
+def squad_normalize(s: str) -> str:
+    """The official SQuAD v1.1 normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+def squad_scores(pred: str, golds: list[str]) -> tuple[float, float]:
+    """(exact match, F1) of a prediction against SQuAD's gold answers, each the maximum over the golds (the
+    official v1.1 script): F1 = 2 P R / (P + R) over the bags of normalised tokens."""
+    def f1(gold: str) -> float:
+        p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
+        same = sum((Counter(p) & Counter(g)).values())
+        return 0.0 if same == 0 else 2 * same / (len(p) + len(g))  # = 2PR/(P+R) with P = same/|p|, R = same/|g|
+    return (max(float(squad_normalize(pred) == squad_normalize(g)) for g in golds), max(f1(g) for g in golds))
+
+
+# Run before a generated program: a guard against accidents (OpenAI human-eval's reliability_guard, in short),
+# not a security boundary; grade untrusted models in a container.
+_GUARD = """import os, resource, shutil, socket, subprocess
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+def _off(*a, **k): raise PermissionError("disabled while grading generated code")
+socket.socket = socket.create_connection = socket.getaddrinfo = _off
+os.system = os.kill = os.fork = os.remove = os.unlink = os.rmdir = os.rename = shutil.rmtree = subprocess.Popen = _off
+del os, resource, shutil, socket, subprocess
+"""
+
+
+def passes_tests(program: str, timeout: float = 10.0) -> bool:
+    """Whether `program` (generated code + its asserts) exits cleanly within `timeout` seconds, run by a fresh
+    `python -I` in an empty temporary directory with an empty environment, 2 GiB of memory, and no network,
+    process creation or file deletion (_GUARD)."""
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "program.py").write_text(_GUARD + program)
+        try:
+            return subprocess.run([sys.executable, "-I", "program.py"], cwd=d, env={}, capture_output=True,
+                                  timeout=timeout).returncode == 0
+        except subprocess.TimeoutExpired:
+            return False
+
+
 # ----------------------------------------------------------------------------- FLOPs (pure)
 
 
@@ -128,9 +191,9 @@ def forward_flops(config, seq_len: int, batch: int = 1) -> int:
 
 def benchmark_file(name: str, data_dir: str) -> Path:
     """The local file of benchmark `name` under --data-dir (the layout of ../shared/data); it must exist."""
-    path = (Path(data_dir).expanduser() / BENCHMARKS[name][0]).resolve()
+    path = (Path(data_dir).expanduser() / BENCHMARKS[name].file).resolve()
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name][0]} (the layout of ../shared/data)")
+        raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name].file} (the layout of ../shared/data)")
     return path
 
 
@@ -139,7 +202,7 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[
     or, without it, the hub; `offline` is generated (the held-out split of ptl_common.OfflineReasoning)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
-    hub = BENCHMARKS[name][1]
+    hub = BENCHMARKS[name].hub
     if name == "offline":  # the test split: disjoint from every offline training and calibration row
         ds = OfflineReasoning(seed=0, split="test")
         return [(r["question"], r["final"]) for r in (ds[i] for i in range(limit or OFFLINE_SIZE))]
@@ -152,10 +215,34 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[
         import datasets
 
         repo, _, config = hub.partition(":")
-        rows = [(f"{hub}[{i}]", r) for i, r in enumerate(datasets.load_dataset(repo, config or None, split="test"))]
+        split = BENCHMARKS[name].split
+        rows = [(f"{hub}[{i}]", r) for i, r in enumerate(datasets.load_dataset(repo, config or None, split=split))]
     if not rows:
         raise ValueError(f"{name}: no rows")
-    return [question_answer(r, where) for where, r in rows[: limit or None]]
+    return [benchmark_row(name, r, where) for where, r in rows[: limit or None]]
+
+
+def benchmark_row(name: str, rec: dict, where: str) -> tuple[str, object]:
+    """(question, gold) of one record: MBPP's prompt as lm-eval renders it and its asserts; SQuAD's passage and
+    question, and the list of its gold answers; the math benchmarks' question and answer (grpo.question_answer)."""
+    try:
+        if name == "mbpp":
+            return mbpp_text(rec), "\n".join(rec["test_list"])
+        if name == "squad":
+            golds = rec["answers"]["text"] if isinstance(rec["answers"], dict) else rec["answers"]
+            return (f"Title: {rec['title']}\n\nBackground: {rec['context']}\n\nQuestion: {rec['question']}\n\n"
+                    "Answer:", list(golds))  # lm-eval squadv2's doc_to_text
+    except (KeyError, TypeError) as e:
+        need = "text, test_list" if name == "mbpp" else "title, context, question, answers"
+        raise ValueError(f"{where}: a {name} record needs the fields {need} (the hub dataset's); it has {sorted(rec)}") from e
+    return question_answer(rec, where)
+
+
+def mbpp_text(rec: dict) -> str:
+    """lm-eval mbpp's doc_to_text: the task and its first three asserts, then "[BEGIN]"."""
+    tests = "\n".join(rec["test_list"][:3])
+    return (f"You are an expert Python programmer, and here is your task: {rec['text']} Your code should pass these "
+            f"tests:\n\n{tests}\n[BEGIN]\n")
 
 
 def lm_eval_tasks_dir() -> Path:
@@ -164,32 +251,41 @@ def lm_eval_tasks_dir() -> Path:
     return Path(lm_eval.tasks.__file__).parent
 
 
-def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str]]:
-    """(worked examples as (question, solution), query template, stop strings) of lm-eval's task for `name`;
-    `offline` is zero-shot in the training format of its train split (ptl_common.record_text)."""
+def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str], str]:
+    """(worked examples as (question, solution), query template, stop strings, the delimiter between a question
+    and its solution) of lm-eval's task for `name`; `offline` is zero-shot in the training format of its train
+    split (ptl_common.record_text); SQuAD is lm-eval squadv2's zero-shot prompt, answered up to the newline."""
     if name == "offline":
-        return [], "Question: {q} Answer:", ["Question:"]
-    if BENCHMARKS[name][2] == "gsm8k":
+        return [], "Question: {q} Answer:", ["Question:"], " "
+    if name == "squad":
+        return [], "{q}", ["\n"], " "
+    if name == "mbpp":  # lm-eval's 3 examples (MBPP's prompt split, ids 2-4), read from its utils.py without
+        # importing it: that module loads HF evaluate's code_eval from the hub at import
+        tree = ast.parse((lm_eval_tasks_dir() / "mbpp" / "utils.py").read_text())
+        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
+        shots = ast.literal_eval(fn.body[-1].value)
+        return [(mbpp_text(r), r["code"] + "\n[DONE]") for r in shots], "{q}", ["[DONE]"], ""
+    if BENCHMARKS[name].style == "gsm8k":
         import yaml
 
         cfg = yaml.safe_load((lm_eval_tasks_dir() / "gsm8k" / "gsm8k-cot.yaml").read_text())
         shots = [(s["question"], s["target"]) for s in cfg["fewshot_config"]["samples"]]
-        return shots, "Q: {q}\nA:", cfg["generation_kwargs"]["until"]
+        return shots, "Q: {q}\nA:", cfg["generation_kwargs"]["until"], " "
     from lm_eval.tasks.minerva_math.utils import list_fewshot_samples
 
-    return [(s["problem"], s["solution"]) for s in list_fewshot_samples()], "Problem:\n{q}\n\nSolution:", ["Problem:"]
+    return [(s["problem"], s["solution"]) for s in list_fewshot_samples()], "Problem:\n{q}\n\nSolution:", ["Problem:"], " "
 
 
 def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[list[str], list[str]]:
     """(prompt texts, stop strings) exactly as lm-eval renders them: examples joined by "\\n\\n", each query then
-    " " + solution (lm-eval's target delimiter); --prompt chat: one user turn through the chat template."""
+    the target delimiter and its solution; --prompt chat: one user turn through the chat template."""
     if style == "chat":
         if not tok.chat_template:
             raise ValueError("--prompt chat needs a tokenizer with a chat template; use --prompt fewshot")
         return [tok.apply_chat_template([{"role": "user", "content": q + CHAT_SUFFIX}], tokenize=False,
                                         add_generation_prompt=True) for q in questions], []
-    shots, query, stop = fewshot(name)
-    head = "".join(query.format(q=q) + " " + a + "\n\n" for q, a in shots)
+    shots, query, stop, delim = fewshot(name)
+    head = "".join(query.format(q=q) + delim + a + "\n\n" for q, a in shots)
     return [head + query.format(q=q) for q in questions], stop
 
 
@@ -280,6 +376,24 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
 # ----------------------------------------------------------------------------- the two engines
 
 
+def grade(style: str, texts: list[str], golds: list, cfg: "Config") -> tuple[list, list, list[float]]:
+    """(predictions, correct per question: True / False / None for a grading timeout, F1 per question) of the
+    generations. Math: the extracted answer against the gold one (math-verify). Code (MBPP pass@1, greedy): the
+    generation run with the benchmark's asserts appended (passes_tests, in parallel). SQuAD: correct = exact
+    match, and token F1."""
+    if style == "code":
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            marks = list(pool.map(lambda tg: passes_tests(tg[0] + "\n" + tg[1], cfg.code_timeout), zip(texts, golds)))
+        return texts, marks, [0.0] * len(texts)
+    if style == "squad":
+        preds = [t.strip() for t in texts]
+        em_f1 = [squad_scores(p, g) for p, g in zip(preds, golds)]
+        return preds, [em == 1.0 for em, _ in em_f1], [f for _, f in em_f1]
+    preds = [extract_answer(t, style) for t in texts]
+    return preds, [is_correct(p, g, cfg.verify_timeout) for p, g in zip(preds, golds)], [0.0] * len(texts)
+
+
+
 def evaluate_builtin(model, tok, cfg: "Config") -> dict:
     """{task: metrics} with the builtin engine. Under torchrun each rank takes every world-th question and the
     counts are all-reduced; every rank returns the same numbers (samples are rank 0's share)."""
@@ -293,16 +407,18 @@ def evaluate_builtin(model, tok, cfg: "Config") -> dict:
         texts, lengths = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
                                   batch_size=cfg.batch_size, add_bos=cfg.add_bos and cfg.prompt != "chat")
         gen_s = time.perf_counter() - t0
-        style = "boxed" if cfg.prompt == "chat" else BENCHMARKS[name][2]
-        preds = [extract_answer(t, style) for t in texts]
-        marks = [is_correct(p, gold, cfg.verify_timeout) for p, (_, gold) in zip(preds, mine)]
+        style = BENCHMARKS[name].style
+        style = "boxed" if cfg.prompt == "chat" and style == "gsm8k" else style
+        preds, marks, f1 = grade(style, texts, [g for _, g in mine], cfg)
         flops = sum(forward_flops(model.config, P + G) for P, G in lengths)
         n = torch.tensor([len(mine), sum(m is True for m in marks), sum(m is None for m in marks),
-                          sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s], dtype=torch.float64)
+                          sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s, sum(f1)],
+                         dtype=torch.float64)
         n = all_reduce_(n.to(d.device)).tolist()
         results[name] = {"accuracy": n[1] / n[0], "n": int(n[0]), "correct": int(n[1]), "timeouts": int(n[2]),
                          "no_answer": int(n[3]), "gen_tokens": n[4] / n[0], "flops_per_question": n[5] / n[0],
                          "gen_tokens_per_s": n[4] / (n[6] / d.world), "engine": "builtin", "prompt": cfg.prompt,
+                         **({"f1": n[7] / n[0]} if style == "squad" else {}),
                          "samples": [{"question": q, "gold": g, "output": t, "pred": p, "correct": m}
                                      for (q, g), t, p, m in zip(mine, texts, preds, marks)]}
     return results
@@ -319,7 +435,7 @@ def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str
     tasks = []
     for name in names:
         if not data_dir:  # lm-eval's own task and dataset, from the hub
-            tasks.append(BENCHMARKS[name][3])
+            tasks.append(BENCHMARKS[name].lm_eval)
             continue
         path = benchmark_file(name, data_dir)
         spec = {"include": str(parent[name]), "task": f"ptl_{name}", "dataset_path": "json", "dataset_name": None,
@@ -339,8 +455,10 @@ def evaluate_lm_eval(model, tok, cfg: "Config") -> dict:
     if cfg.prompt != "fewshot":
         raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks; use --engine builtin for --prompt chat")
     names, extra = cfg.task_list(), cfg.extra_lm_eval_tasks()
-    if "offline" in names:
-        raise ValueError("the `offline` benchmark is generated here and has no lm-eval task; use --engine builtin")
+    for name in names:
+        if BENCHMARKS[name].style in ("code", "squad") or BENCHMARKS[name].lm_eval is None:
+            raise ValueError(f"{name}: no lm-eval task here ({name} is generated here, or lm-eval's needs Hugging Face "
+                             "evaluate's metrics from the hub); use --engine builtin")
     with tempfile.TemporaryDirectory() as where:
         tasks = lm_eval_task_yamls(names, cfg.data_dir, Path(where)) + extra
         paths = [where] + ([cfg.include_path] if cfg.include_path else [])
@@ -487,11 +605,11 @@ def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 
 @dataclass
 class Config:
-    """Accuracy (GSM8K, Minerva Math, MATH-500), FLOPs, speedup, and the report of a PTL run."""
+    """Accuracy (GSM8K, Minerva Math, MATH-500, MBPP, SQuAD, offline), FLOPs, speedup, and the report of a PTL run."""
     model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir or a hub name"})
     compare: str = field(default="", metadata={"help": "further models, comma-separated (e.g. pruned ones): all evaluated; FLOP ratio and speedup over --model, timed alternately"})
     report: str = field(default="", metadata={"help": "a PTL run directory: write report.md, report.json and rounds.png there"})
-    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated arithmetic)"})
+    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated arithmetic), mbpp, squad"})
     data_dir: str = field(default="", metadata={"help": "local benchmark files in the layout of ../shared/data (empty: the hub)"})
     engine: Literal["builtin", "lm-eval"] = "builtin"
     prompt: Literal["fewshot", "chat"] = field(default="fewshot", metadata={"help": "lm-eval's few-shot prompts, or zero-shot R1-style through the chat template"})
@@ -500,6 +618,7 @@ class Config:
     batch_size: int = 16
     add_bos: bool = field(default=True, metadata={"help": "prepend BOS to few-shot prompts (the authors ran lm-eval with add_bos_token=True)"})
     verify_timeout: float = 5.0
+    code_timeout: float = field(default=10.0, metadata={"help": "seconds a generated MBPP program may run with its tests"})
     lm_eval_tasks: str = field(default="", metadata={"help": "further lm-eval tasks by name (engine lm-eval), e.g. your own with --include-path"})
     include_path: str = field(default="", metadata={"help": "a directory of extra lm-eval task YAMLs"})
     speed_batch: int = field(default=1, metadata={"help": "speedup: sequences per generate (authors: 1)"})

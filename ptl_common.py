@@ -304,14 +304,15 @@ QA_FIELDS = (("question", "answer"), ("problem", "solution"), ("query", "respons
 
 
 def record_text(rec: dict, where: str) -> str:
-    """The paper's reasoning sequence: "Question: q Answer: a", or a record's own `text` field."""
-    if isinstance(rec.get("text"), str):
-        return rec["text"]
+    """The paper's reasoning sequence: "Question: q Answer: a", or a record's own `text` (`content`: StarCoder)."""
+    for k in ("text", "content"):
+        if isinstance(rec.get(k), str):
+            return rec[k]
     for q, a in QA_FIELDS:
         if isinstance(rec.get(q), str) and isinstance(rec.get(a), str):
             return f"Question: {rec[q]} Answer: {rec[a]}"
     raise ValueError(
-        f"{where}: record has fields {sorted(rec)}; expected `text` or one of "
+        f"{where}: record has fields {sorted(rec)}; expected `text`, `content` or one of "
         + ", ".join(f"{q}/{a}" for q, a in QA_FIELDS)
     )
 
@@ -360,9 +361,11 @@ def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
         return _Rows(ds, str(p))
     if p.exists():
         raise ValueError(f"{p}: unknown data format; use .jsonl, .json, .parquet or .txt")
-    name, _, config = src.partition(":")  # "Salesforce/wikitext:wikitext-103-raw-v1" names a config
+    # "Salesforce/wikitext:wikitext-103-raw-v1" names a config; "bigcode/starcoderdata:data_dir=python" a subfolder
+    name, _, config = src.partition(":")
+    kw = {"data_dir": config.partition("=")[2]} if config.startswith("data_dir=") else {"name": config or None}
     try:
-        return _Rows(datasets.load_dataset(name, config or None, split=split), src)
+        return _Rows(datasets.load_dataset(name, split=split, **kw), src)
     except Exception as e:  # noqa: BLE001  any hub failure: offline, typo, gated
         raise FileNotFoundError(
             f"Could not load dataset {src!r} ({type(e).__name__}: {e}). It is not a local file, and the hub "

@@ -53,6 +53,7 @@ class Config:
     eval_limit: int = field(default=400, metadata={"help": "held-out offline problems in the final evaluation"})
     round_eval_limit: int = field(default=200, metadata={"help": "held-out problems per PTL round (the curve); 0: no curve"})
     max_new_tokens: int = 192
+    eval_batch: int = field(default=64, metadata={"help": "questions per generate batch (decoding on CPU is memory-bound: wide is cheap)"})
     print: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
 
 
@@ -73,7 +74,7 @@ def commands(cfg: Config, ptl_rounds: int | None) -> list[tuple[str, list[str], 
     steps = [("dense", [*py, str(ROOT / "recover.py"), "--model", cfg.model, "--data", "offline", "--samples",
                         str(cfg.dense_samples), *train.split(), "--out", str(out / "dense")], out / "dense" / "train_summary.json")]
     curve = (["--eval-every-round", "--eval-flags", f"--tasks offline --limit {cfg.round_eval_limit} "
-              f"--max-new-tokens {cfg.max_new_tokens}"] if cfg.round_eval_limit else [])
+              f"--max-new-tokens {cfg.max_new_tokens} --batch-size {cfg.eval_batch}"] if cfg.round_eval_limit else [])
     name, cmd, done = ptl("ptl", f"--layer-target {cfg.layer_target} --neuron-step {cfg.neuron_step}", cfg.round_samples)
     steps.append((name, cmd + curve, done))
     if ptl_rounds is None:
@@ -85,7 +86,8 @@ def commands(cfg: Config, ptl_rounds: int | None) -> list[tuple[str, list[str], 
     finals = [out / "ptl" / f"round_{ptl_rounds}", out / "prune-once" / "round_1", out / "shortgpt" / "round_1"]
     steps.append(("evaluate", [*py, str(ROOT / "evaluate.py"), "--model", str(out / "dense"), "--compare",
                                ",".join(map(str, finals)), "--tasks", "offline", "--limit", str(cfg.eval_limit),
-                               "--max-new-tokens", str(cfg.max_new_tokens), "--out", str(out / "eval.json")],
+                               "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", str(cfg.eval_batch),
+                               "--out", str(out / "eval.json")],
                   out / "eval.json"))
     if cfg.round_eval_limit:
         steps.append(("curve", [*py, str(ROOT / "evaluate.py"), "--report", str(out / "ptl")], out / "ptl" / "report.md"))

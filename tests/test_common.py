@@ -42,9 +42,21 @@ def test_no_held_out_problem_is_in_any_training_slice_under_any_seed():
     ({"problem": "p", "solution": "s", "answer": "x"}, "Question: p Answer: s"),  # MATH: the CoT, not the bare answer
     ({"query": "q", "response": "r"}, "Question: q Answer: r"),  # MetaMathQA
     ({"text": "plain", "question": "q", "answer": "a"}, "plain"),
+    ({"content": "def f():\n    return 1\n", "max_stars_repo_path": "f.py"}, "def f():\n    return 1\n"),  # StarCoder
+    ({"instruction": "Write f.", "output": "def f(): pass"}, "Question: Write f. Answer: def f(): pass"),  # opc-sft
 ])
 def test_records_become_the_papers_question_answer_sequences(rec, text):
     assert record_text(rec, "x") == text
+
+
+def test_hub_specs_name_a_config_or_a_subfolder(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: calls.append((repo, kw)) or [{"text": "t"}])
+    load_texts("a/b:cfg,c/d:data_dir=python,e/f", n=3, seed=0)
+    assert calls == [("a/b", {"split": "train", "name": "cfg"}), ("c/d", {"split": "train", "data_dir": "python"}),
+                     ("e/f", {"split": "train", "name": None})]
 
 
 def test_sources_mix_and_sample_deterministically(tmp_path):

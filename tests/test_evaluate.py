@@ -238,7 +238,7 @@ def test_the_offline_benchmark_is_the_held_out_split_asked_zero_shot_in_the_trai
     prompts, stop = ev.build_prompts("offline", [rows[0][0]], char_tokenizer(), "fewshot")
     assert prompts == [f"Question: {rows[0][0]} Answer:"] and stop == ["Question:"]
     assert ev.extract_answer(test[0]["answer"], ev.BENCHMARKS["offline"][2]) == test[0]["final"]
-    with pytest.raises(ValueError, match="no lm-eval task; use --engine builtin"):
+    with pytest.raises(ValueError, match="no lm-eval task here"):
         ev.evaluate_lm_eval(None, None, ev.Config(tasks="offline", engine="lm-eval"))
 
 
@@ -256,3 +256,80 @@ def test_compare_evaluates_every_model_and_times_each_against_the_first(tmp_path
     assert json.loads((tmp_path / "eval.json").read_text())["speed"][b]["flop_ratio_128"] == s[b]["flop_ratio_128"]
     with pytest.raises(ValueError, match="same model twice"):
         ev.main(ev.Config(model=a, compare=a, tasks="offline"))
+
+
+@pytest.mark.parametrize("pred, golds, em, f1", [
+    ("the Eiffel Tower!", ["Eiffel tower"], 1.0, 1.0),  # case, punctuation and articles do not count
+    ("in Paris France", ["Paris"], 0.0, 0.5),  # P = 1/3, R = 1: F1 = 2 * 1/3 / (4/3)
+    ("Denver Broncos", ["Carolina Panthers", "Broncos"], 0.0, 2 / 3),  # the best gold: P = 1/2, R = 1
+    ("nothing", ["Paris"], 0.0, 0.0),
+])
+def test_squad_exact_match_and_f1_follow_the_official_script(pred, golds, em, f1):
+    assert ev.squad_scores(pred, golds) == (em, pytest.approx(f1))
+
+
+def test_generated_code_passes_only_with_its_tests_in_time_and_offline():
+    tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
+    assert ev.passes_tests("def add(a, b):\n    return a + b\n" + tests)
+    assert not ev.passes_tests("def add(a, b):\n    return a * b\n" + tests)
+    assert not ev.passes_tests("def add(a, b):\n    return a +\n" + tests), "a syntax error fails"
+    assert not ev.passes_tests("while True:\n    pass", timeout=1.0), "a program that never ends fails at the timeout"
+    assert not ev.passes_tests("import socket\nsocket.create_connection(('127.0.0.1', 9))")
+    assert not ev.passes_tests("import os\nassert os.environ.get('HOME')"), "the environment is empty"
+
+
+def test_mbpp_prompts_are_lm_evals_three_shot_prompts():
+    import jinja2
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
+    spec = yaml.load((ev.lm_eval_tasks_dir() / "mbpp" / "mbpp.yaml").read_text(), Loader=Loader)
+    rec = {"text": "Write a function to add two numbers.", "code": "def add(a, b):\r\n    return a + b",
+           "test_list": ["assert add(1, 2) == 3", "assert add(0, 0) == 0", "assert add(2, 2) == 4"]}
+    env = jinja2.Environment(keep_trailing_newline=True)  # as lm_eval.utils renders its templates
+    text, target = env.from_string(spec["doc_to_text"]), env.from_string(spec["doc_to_target"])
+    assert ev.mbpp_text(rec) == text.render(**rec)
+    q, tests = ev.benchmark_row("mbpp", rec, "x")
+    assert tests == target.render(**rec), "the asserts are lm-eval's reference"
+    shots, _, stop, delim = ev.fewshot("mbpp")
+    assert len(shots) == 3 and stop == spec["generation_kwargs"]["until"] and delim == spec["target_delimiter"]
+    assert shots[0][1] == target.render(**{**shots_raw()[0], "is_fewshot": True})
+    prompt = ev.build_prompts("mbpp", [q], char_tokenizer(), "fewshot")[0][0]
+    assert prompt.endswith("[DONE]\n\n" + text.render(**rec)) and prompt.count("[BEGIN]") == 4
+
+
+def shots_raw():
+    import ast
+
+    tree = ast.parse((ev.lm_eval_tasks_dir() / "mbpp" / "utils.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
+    return ast.literal_eval(fn.body[-1].value)
+
+
+def test_mbpp_and_squad_are_graded_end_to_end_from_local_files(tmp_path, monkeypatch):
+    (tmp_path / "mbpp").mkdir()
+    (tmp_path / "squad").mkdir()
+    mbpp = [{"task_id": 11, "text": "Add.", "code": "", "test_list": ["assert add(1, 2) == 3"] * 3},
+            {"task_id": 12, "text": "Double.", "code": "", "test_list": ["assert dbl(2) == 4"] * 3}]
+    squad = [{"title": "T", "context": "Paris is in France.", "question": "Where is Paris?",
+              "answers": {"text": ["France", "in France"], "answer_start": [12, 9]}},
+             {"title": "T", "context": "Blue sky.", "question": "What colour?", "answers": {"text": ["blue"], "answer_start": [0]}}]
+    (tmp_path / "mbpp" / "test.jsonl").write_text("\n".join(map(json.dumps, mbpp)))
+    (tmp_path / "squad" / "validation.jsonl").write_text("\n".join(map(json.dumps, squad)))
+    outputs = {"Add.": "def add(a, b):\n    return a + b\n", "Double.": "def dbl(x):\n    return x + 1\n",
+               "Where is Paris?": " France", "What colour?": " the sky is blue"}
+
+    def fake_generate(model, tok, prompts, **kw):  # the model's part is tested above; here: rows, prompts, grading
+        texts = [next(v for k, v in outputs.items() if k in p[-200:]) for p in prompts]  # the question asked last
+        return texts, [(len(p), 3) for p in prompts]
+
+    monkeypatch.setattr(ev, "generate", fake_generate)
+    model = tiny_model("llama")
+    res = ev.evaluate_builtin(model, char_tokenizer(), ev.Config(tasks="mbpp,squad", data_dir=str(tmp_path)))
+    assert res["mbpp"]["correct"] == 1 and res["mbpp"]["accuracy"] == 0.5
+    assert res["squad"]["accuracy"] == 0.5 and res["squad"]["f1"] == pytest.approx((1 + 0.5) / 2)
+    with pytest.raises(ValueError, match="line|fields"):
+        ev.benchmark_row("squad", {"question": "q"}, "squad.jsonl:3")

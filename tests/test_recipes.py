@@ -43,10 +43,12 @@ def test_every_recipe_stops_offline_at_the_model_download_with_a_clear_message(t
 import sys
 sys.path[:0] = [{root!r}, {scripts!r}]
 import recipes, ptl, ptl_common
+mods = {{"ptl": ptl, "evaluate": ptl_common.import_evaluate()}}
 for name, r in recipes.RECIPES.items():
     module, args = r.steps[0].split(" ", 1)
     try:
-        ptl.main(ptl_common.parse_config(ptl.Config, recipes.resolve(args) + ["--out", {out!r} + name]))
+        m = mods[module]
+        m.main(ptl_common.parse_config(m.Config, recipes.resolve(args) + ["--out", {out!r} + name]))
     except FileNotFoundError as e:
         print(name, "STOPPED", "Could not load model" in str(e) and "Offline, use --model smollm2-135m" in str(e))
 """
