@@ -54,22 +54,34 @@ class Config:
     round_eval_limit: int = field(default=200, metadata={"help": "held-out problems per PTL round (the curve); 0: no curve"})
     max_new_tokens: int = 192
     eval_batch: int = field(default=64, metadata={"help": "questions per generate batch (decoding on CPU is memory-bound: wide is cheap)"})
+    step_sizes: str = field(default="", metadata={
+        "help": "Figure 4: more PTL runs with these --neuron-step values, e.g. 0.05,0.2 (--round-samples texts per round)"})
     print: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
 
+    def step_list(self) -> list[str]:
+        return [x for x in self.step_sizes.split(",") if x]
 
-def commands(cfg: Config, ptl_rounds: int | None) -> list[tuple[str, list[str], Path | None]]:
-    """(name, command, the file it leaves when finished, or None) of every step, in order. The baselines' recovery
-    budget is PTL's number of rounds x --round-samples, so they are known once PTL has run."""
+
+def commands(cfg: Config, finished: set[str]) -> list[tuple[str, list[str], Path | None]]:
+    """(name, command, the file it leaves when finished, or None) of every step whose inputs are ready, in order.
+    A step that needs the rounds of a PTL run (the baselines' recovery budget is PTL's rounds x --round-samples;
+    the evaluation takes each run's last round) appears once that run is in `finished`."""
     out, py = Path(cfg.out), [sys.executable]
     train = (f"--max-length {cfg.max_length} --global-batch {cfg.global_batch} --micro-batch {cfg.micro_batch} "
              f"--lr {cfg.lr}")
     size = f"--target-ratio {cfg.target_ratio} --calib-samples {cfg.calib_samples} --max-length {cfg.max_length}"
+    last = lambda name: out / name / f"round_{finished_rounds(out / name)[-1]}"  # noqa: E731
 
-    def ptl(name: str, flags: str, samples: int) -> tuple[str, list[str], Path]:
+    def ptl(name: str, flags: str, samples: int) -> tuple[str, list[str], None]:
         # --seed 1 for recovery: a different shuffle of the offline stream than the dense model's (seed 0)
         cmd = [*py, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(out / name), *size.split(),
                *shlex.split(flags), "--recovery", "cpt", "--cpt-flags", f"--data offline --samples {samples} --seed 1 {train}"]
         return name, cmd, None  # ptl.py resumes by itself, and returns at once when it is done
+
+    def evaluate(models: list[Path], to: str) -> tuple[str, list[str], Path]:
+        return to, [*py, str(ROOT / "evaluate.py"), "--model", str(out / "dense"), "--compare", ",".join(map(str, models)),
+                    "--tasks", "offline", "--limit", str(cfg.eval_limit), "--max-new-tokens", str(cfg.max_new_tokens),
+                    "--batch-size", str(cfg.eval_batch), "--out", str(out / f"{to}.json")], out / f"{to}.json"
 
     steps = [("dense", [*py, str(ROOT / "recover.py"), "--model", cfg.model, "--data", "offline", "--samples",
                         str(cfg.dense_samples), *train.split(), "--out", str(out / "dense")], out / "dense" / "train_summary.json")]
@@ -77,38 +89,34 @@ def commands(cfg: Config, ptl_rounds: int | None) -> list[tuple[str, list[str], 
               f"--max-new-tokens {cfg.max_new_tokens} --batch-size {cfg.eval_batch}"] if cfg.round_eval_limit else [])
     name, cmd, done = ptl("ptl", f"--layer-target {cfg.layer_target} --neuron-step {cfg.neuron_step}", cfg.round_samples)
     steps.append((name, cmd + curve, done))
-    if ptl_rounds is None:
-        return steps
-    budget = ptl_rounds * cfg.round_samples
-    steps.append(ptl("prune-once", f"--baseline prune-once --layer-target {cfg.layer_target} --neuron-step "
-                     f"{cfg.neuron_step}", budget))
-    steps.append(ptl("shortgpt", "--baseline shortgpt", budget))
-    finals = [out / "ptl" / f"round_{ptl_rounds}", out / "prune-once" / "round_1", out / "shortgpt" / "round_1"]
-    steps.append(("evaluate", [*py, str(ROOT / "evaluate.py"), "--model", str(out / "dense"), "--compare",
-                               ",".join(map(str, finals)), "--tasks", "offline", "--limit", str(cfg.eval_limit),
-                               "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size", str(cfg.eval_batch),
-                               "--out", str(out / "eval.json")],
-                  out / "eval.json"))
-    if cfg.round_eval_limit:
-        steps.append(("curve", [*py, str(ROOT / "evaluate.py"), "--report", str(out / "ptl")], out / "ptl" / "report.md"))
+    if "ptl" in finished:
+        budget = len(finished_rounds(out / "ptl")) * cfg.round_samples
+        steps.append(ptl("prune-once", f"--baseline prune-once --layer-target {cfg.layer_target} --neuron-step "
+                         f"{cfg.neuron_step}", budget))
+        steps.append(ptl("shortgpt", "--baseline shortgpt", budget))
+    if {"prune-once", "shortgpt"} <= finished:
+        steps.append(evaluate([last("ptl"), last("prune-once"), last("shortgpt")], "eval"))
+        if cfg.round_eval_limit:
+            steps.append(("curve", [*py, str(ROOT / "evaluate.py"), "--report", str(out / "ptl")], out / "ptl" / "report.md"))
+    step_runs = [f"step-{x}" for x in cfg.step_list()]
+    steps += [ptl(n, f"--layer-target {cfg.layer_target} --neuron-step {x}", cfg.round_samples)
+              for n, x in zip(step_runs, cfg.step_list())]
+    if step_runs and set(step_runs) <= finished:
+        steps.append(evaluate([last(n) for n in step_runs], "eval_steps"))
     return steps
 
 
 def run(cfg: Config) -> None:
     """Run every step not finished yet; each tool resumes its own partial work."""
-    done_names = set()
-    while True:
-        rounds = len(finished_rounds(Path(cfg.out) / "ptl")) if "ptl" in done_names else None
-        todo = [s for s in commands(cfg, rounds) if s[0] not in done_names]
-        if not todo:
-            return
+    finished: set[str] = set()
+    while todo := [s for s in commands(cfg, finished) if s[0] not in finished]:
         name, cmd, done = todo[0]
         if done is None or not done.exists():
             print(f"\n[{name}] {shlex.join(cmd)}", flush=True)
             t0 = time.time()
             subprocess.run(cmd, check=True)
             print(f"[{name}] {time.time() - t0:.0f} s", flush=True)
-        done_names.add(name)
+        finished.add(name)
 
 
 def stderr(p: float, n: int) -> float:
@@ -116,57 +124,67 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def table(cfg: Config) -> dict:
-    """OUT/table.md and table.json from eval.json and the three runs' records."""
-    out = Path(cfg.out)
-    ev = json.loads((out / "eval.json").read_text())
-    dense_summary = json.loads((out / "dense" / "train_summary.json").read_text())
-    ptl_rounds = finished_rounds(out / "ptl")
-    runs = {"dense": (str(out / "dense"), None), "PTL": (str(out / "ptl" / f"round_{ptl_rounds[-1]}"), out / "ptl"),
-            "Prune-Once": (str(out / "prune-once" / "round_1"), out / "prune-once"),
-            "ShortGPT": (str(out / "shortgpt" / "round_1"), out / "shortgpt")}
-    dense_acc, rows = ev[str(out / "dense")]["offline"]["accuracy"], []
-    for label, (path, run_dir) in runs.items():
-        acc = ev[path]["offline"]
-        speed = ev["speed"][path]
-        recs = [load_record(run_dir / f"round_{t}") for t in finished_rounds(run_dir)] if run_dir else []
-        rec_parts = [v for r in recs for v in r.get("recovery", {}).values()]
-        rows.append({
-            "model": label, "rounds": len(recs), "params": speed["params"]["total"],
-            "non_embedding": speed["params"]["non_embedding"], "accuracy": acc["accuracy"], "n": acc["n"],
-            "stderr": stderr(acc["accuracy"], acc["n"]), "retention": acc["accuracy"] / dense_acc if dense_acc else None,
+def measure(ev: dict, label: str, path: Path, run_dir: Path | None, dense_acc: float) -> dict:
+    """One row: a model's accuracy, size and speed from an evaluate.py --compare result, and its run's recovery."""
+    acc, speed = ev[str(path)]["offline"], ev["speed"][str(path)]
+    recs = [load_record(run_dir / f"round_{t}") for t in finished_rounds(run_dir)] if run_dir else []
+    parts = [v for r in recs for v in r.get("recovery", {}).values()]
+    conf = json.loads((path / "config.json").read_text())
+    return {"model": label, "rounds": len(recs), "layers": conf["num_hidden_layers"], "width": conf["intermediate_size"],
+            "params": speed["params"]["total"], "non_embedding": speed["params"]["non_embedding"],
+            "accuracy": acc["accuracy"], "n": acc["n"], "stderr": stderr(acc["accuracy"], acc["n"]),
+            "retention": acc["accuracy"] / dense_acc if dense_acc else None,
             "gflops_per_question": acc["flops_per_question"] / 1e9, "flop_ratio_128": speed.get("flop_ratio_128", 1.0),
             "prefill_speedup": speed.get("prefill_speedup", 1.0), "decode_speedup": speed.get("decode_speedup", 1.0),
-            "recovery_tokens": sum(p["tokens"] for p in rec_parts), "recovery_s": sum(p["time_s"] for p in rec_parts),
-            **{k: json.loads((Path(path) / "config.json").read_text())[k] for k in ("num_hidden_layers", "intermediate_size")}})
-    base = rows[0]
-    for r in rows:
-        r["removed_non_embedding"] = 1 - r["non_embedding"] / base["non_embedding"]
-    head = ["model", "rounds", "layers", "FFN width", "params", "non-emb. removed", "accuracy (%) ± s.e.", "retention", "GFLOPs/question",
-            "FLOP ratio", "prefill speedup", "decode speedup", "recovery tokens", "recovery time"]
+            "recovery_tokens": sum(p["tokens"] for p in parts), "recovery_s": sum(p["time_s"] for p in parts)}
+
+
+def markdown(rows: list[dict], dense: dict) -> str:
+    head = ["model", "rounds", "layers", "FFN width", "params", "non-emb. removed", "accuracy (%) ± s.e.", "retention",
+            "GFLOPs/question", "FLOP ratio", "prefill speedup", "decode speedup", "recovery tokens", "recovery time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
+        r["removed_non_embedding"] = 1 - r["non_embedding"] / dense["non_embedding"]
         lines.append("| " + " | ".join([
-            r["model"], str(r["rounds"]), str(r["num_hidden_layers"]), str(r["intermediate_size"]), human(r["params"]), f"{r['removed_non_embedding']:.1%}",
-            f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}", f"{r['retention']:.2f}" if r["retention"] is not None else "—",
-            f"{r['gflops_per_question']:.1f}", f"{r['flop_ratio_128']:.2f}x", f"{r['prefill_speedup']:.2f}x",
-            f"{r['decode_speedup']:.2f}x", human(r["recovery_tokens"]) if r["recovery_tokens"] else "—",
+            r["model"], str(r["rounds"]), str(r["layers"]), str(r["width"]), human(r["params"]),
+            f"{r['removed_non_embedding']:.1%}", f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
+            f"{r['retention']:.2f}" if r["retention"] is not None else "—", f"{r['gflops_per_question']:.1f}",
+            f"{r['flop_ratio_128']:.2f}x", f"{r['prefill_speedup']:.2f}x", f"{r['decode_speedup']:.2f}x",
+            human(r["recovery_tokens"]) if r["recovery_tokens"] else "—",
             f"{r['recovery_s'] / 60:.1f} min" if r["recovery_s"] else "—"]) + " |")
-    md = (f"Held-out offline arithmetic, n = {base['n']} per model, greedy. Dense = {cfg.model} after "
-          f"{dense_summary['tokens']} tokens ({dense_summary['time_s'] / 60:.1f} min) of continual pre-training.\n\n"
-          + "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def table(cfg: Config) -> dict:
+    """OUT/table.md and table.json: Table 1 from eval.json, and with --step-sizes Figure 4 from eval_steps.json."""
+    out = Path(cfg.out)
+    ev = json.loads((out / "eval.json").read_text())
+    summary = json.loads((out / "dense" / "train_summary.json").read_text())
+    last = lambda name: out / name / f"round_{finished_rounds(out / name)[-1]}"  # noqa: E731
+    dense_acc = ev[str(out / "dense")]["offline"]["accuracy"]
+    rows = [measure(ev, "dense", out / "dense", None, dense_acc)]
+    rows += [measure(ev, label, last(name), out / name, dense_acc)
+             for label, name in (("PTL", "ptl"), ("Prune-Once", "prune-once"), ("ShortGPT", "shortgpt"))]
+    md = (f"Held-out offline arithmetic, n = {rows[0]['n']} per model, greedy. Dense = {cfg.model} after "
+          f"{human(summary['tokens'])} tokens ({summary['time_s'] / 60:.1f} min) of continual pre-training.\n\n"
+          + markdown(rows, rows[0]))
+    steps = []
+    if cfg.step_list():  # Figure 4: the same PTL at other neuron steps, each evaluated beside the dense model again
+        ev_s = json.loads((out / "eval_steps.json").read_text())
+        d_acc = ev_s[str(out / "dense")]["offline"]["accuracy"]
+        steps = [measure(ev_s, f"PTL, step {x}", last(f"step-{x}"), out / f"step-{x}", d_acc) for x in cfg.step_list()]
+        md += (f"\nFigure 4, neuron step size ({cfg.round_samples} recovery texts per round; the Table 1 PTL run above "
+               f"used step {cfg.neuron_step}):\n\n" + markdown(steps, rows[0]))
     (out / "table.md").write_text(md)
-    atomic_write_json(out / "table.json", {"config": vars(cfg), "rows": rows})
-    return {"rows": rows, "markdown": md}
+    atomic_write_json(out / "table.json", {"config": vars(cfg), "rows": rows, "step_rows": steps})
+    return {"rows": rows, "step_rows": steps, "markdown": md}
 
 
 def main(cfg: Config) -> dict:
     if cfg.print:
-        rounds = len(finished_rounds(Path(cfg.out) / "ptl")) or None
-        for name, cmd, _ in commands(cfg, rounds):
+        for name, cmd, _ in commands(cfg, set()):
             print(f"# {name}\n{shlex.join(cmd)}")
-        if rounds is None:
-            print("# then prune-once, shortgpt and evaluate, with PTL's number of rounds x --round-samples texts")
+        print("# then prune-once and shortgpt with PTL's number of rounds x --round-samples texts, and evaluate.py")
         return {}
     run(cfg)
     res = table(cfg)

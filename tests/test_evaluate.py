@@ -152,7 +152,7 @@ def test_builtin_engine_counts_every_question_once_on_two_ranks(tmp_path):
     subprocess.run([sys.executable, *flags, "--out", str(tmp_path / "one.json")], cwd=ROOT, check=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *flags,
                     "--out", str(tmp_path / "two.json")], cwd=ROOT, check=True)
-    a, b = (json.loads((tmp_path / f).read_text())["model"]["gsm8k"] for f in ("one.json", "two.json"))
+    a, b = (json.loads((tmp_path / f).read_text())[str(model_dir)]["gsm8k"] for f in ("one.json", "two.json"))
     for k in ("n", "correct", "no_answer", "gen_tokens", "flops_per_question"):
         assert a[k] == pytest.approx(b[k]), k
     assert a["n"] == 5
@@ -190,7 +190,7 @@ def test_scripts_run_from_the_repo_root_leave_import_evaluate_to_hugging_face(tm
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
     subprocess.run([sys.executable, "evaluate.py", "--model", tiny_dirs["llama"], *shlex.split(flags),
                     "--out", str(tmp_path / "r.json")], cwd=ROOT, check=True, env=env)
-    assert json.loads((tmp_path / "r.json").read_text())["model"]["probe_hf_evaluate"]["accuracy"] == 1.0
+    assert json.loads((tmp_path / "r.json").read_text())[tiny_dirs["llama"]]["probe_hf_evaluate"]["accuracy"] == 1.0
     subprocess.run([sys.executable, "ptl.py", "--model", tiny_dirs["llama"], "--calib-samples", "4", "--rounds", "1",
                     "--eval-every-round", "--eval-flags", flags, "--out", str(tmp_path / "run")], cwd=ROOT, check=True, env=env)
     assert ptl_common.load_record(tmp_path / "run" / "round_1")["eval"]["probe_hf_evaluate"]["accuracy"] == 1.0
