@@ -642,7 +642,8 @@ class Config:
 
 
 def summary_line(name: str, res: dict) -> str:
-    return f"{name}: " + " | ".join(f"{t} {100 * r['accuracy']:.1f}% (n={r['n']})" for t, r in res.items())
+    return f"{name}: " + " | ".join(f"{t} {100 * r['accuracy']:.1f}%" + (f" F1 {100 * r['f1']:.1f}" if "f1" in r else "")
+                                    + f" (n={r['n']})" for t, r in res.items())
 
 
 def main(cfg: Config) -> dict:

@@ -1,6 +1,7 @@
 """A measured miniature of Table 1 on this machine: PTL against Prune-Once and ShortGPT on the default model.
 
-    python scripts/mini_table1.py --out out/mini            # about 1 h 10 min on 2 CPU cores; re-running resumes
+    python scripts/mini_table1.py --out out/mini            # about 1 h on 2 CPU cores; re-running resumes
+    python scripts/mini_table1.py --out out/mini --step-sizes 0.05,0.2   # and Figure 4 (about 40 min more)
     python scripts/mini_table1.py --out out/mini --print    # the commands, without running them
 
 1. dense: SmolLM2-135M-Instruct after a short continual pre-training (recover.py) on offline chain-of-thought
@@ -14,6 +15,8 @@
    split, ptl_common.held_out): accuracy with its binomial standard error, parameters, FLOPs per question,
    measured prefill and decode speedup over the dense model (all timed alternately in one process),
    recovery tokens and time; and the per-round curve of the PTL run (Figure 3): OUT/ptl/report.md, rounds.png.
+4. --step-sizes: the same PTL run at other neuron steps, --round-samples recovery texts per round (as the paper:
+   a smaller step means more rounds and more recovery), evaluated together in OUT/eval_steps.json (Figure 4).
 
 Writes OUT/table.md and OUT/table.json. Hyperparameters are sized for two CPU cores (lr 1e-4 for a 135M model
 and a few hundred steps, where the paper uses 8e-6 for 8B models and 100k texts per round).
