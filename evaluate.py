@@ -131,20 +131,25 @@ def is_correct(pred: str | None, gold: str, timeout: float = 5.0) -> bool | None
         return False
 
 
+_PUNCTUATION = set(string.punctuation)
+
+
 def squad_normalize(s: str) -> str:
     """The official SQuAD v1.1 normalisation: lower case, no punctuation, no articles (a, an, the), single spaces."""
-    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
 
 
 def squad_scores(pred: str, golds: list[str]) -> tuple[float, float]:
     """(exact match, F1) of a prediction against SQuAD's gold answers, each the maximum over the golds (the
     official v1.1 script): F1 = 2 P R / (P + R) over the bags of normalised tokens."""
-    def f1(gold: str) -> float:
-        p, g = squad_normalize(pred).split(), squad_normalize(gold).split()
-        same = sum((Counter(p) & Counter(g)).values())
-        return 0.0 if same == 0 else 2 * same / (len(p) + len(g))  # = 2PR/(P+R) with P = same/|p|, R = same/|g|
-    return (max(float(squad_normalize(pred) == squad_normalize(g)) for g in golds), max(f1(g) for g in golds))
+    p = squad_normalize(pred)
+
+    def f1(g: str) -> float:
+        same = sum((Counter(p.split()) & Counter(g.split())).values())
+        return 0.0 if same == 0 else 2 * same / (len(p.split()) + len(g.split()))  # 2PR/(P+R), P = same/|p|, R = same/|g|
+    golds = [squad_normalize(g) for g in golds]
+    return max(float(p == g) for g in golds), max(f1(g) for g in golds)
 
 
 # Run before a generated program: a guard against accidents (OpenAI human-eval's reliability_guard, in short),
@@ -245,6 +250,14 @@ def mbpp_text(rec: dict) -> str:
             f"tests:\n\n{tests}\n[BEGIN]\n")
 
 
+def mbpp_fewshot_records() -> list[dict]:
+    """lm-eval mbpp's 3 worked examples (MBPP's prompt split, ids 2-4), read from its utils.py without importing
+    it: that module loads Hugging Face evaluate's code_eval from the hub at import."""
+    tree = ast.parse((lm_eval_tasks_dir() / "mbpp" / "utils.py").read_text())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
+    return ast.literal_eval(fn.body[-1].value)
+
+
 def lm_eval_tasks_dir() -> Path:
     import lm_eval.tasks
 
@@ -259,12 +272,8 @@ def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str], str]:
         return [], "Question: {q} Answer:", ["Question:"], " "
     if name == "squad":
         return [], "{q}", ["\n"], " "
-    if name == "mbpp":  # lm-eval's 3 examples (MBPP's prompt split, ids 2-4), read from its utils.py without
-        # importing it: that module loads HF evaluate's code_eval from the hub at import
-        tree = ast.parse((lm_eval_tasks_dir() / "mbpp" / "utils.py").read_text())
-        fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
-        shots = ast.literal_eval(fn.body[-1].value)
-        return [(mbpp_text(r), r["code"] + "\n[DONE]") for r in shots], "{q}", ["[DONE]"], ""
+    if name == "mbpp":
+        return [(mbpp_text(r), r["code"] + "\n[DONE]") for r in mbpp_fewshot_records()], "{q}", ["[DONE]"], ""
     if BENCHMARKS[name].style == "gsm8k":
         import yaml
 
@@ -391,7 +400,6 @@ def grade(style: str, texts: list[str], golds: list, cfg: "Config") -> tuple[lis
         return preds, [em == 1.0 for em, _ in em_f1], [f for _, f in em_f1]
     preds = [extract_answer(t, style) for t in texts]
     return preds, [is_correct(p, g, cfg.verify_timeout) for p, g in zip(preds, golds)], [0.0] * len(texts)
-
 
 
 def evaluate_builtin(model, tok, cfg: "Config") -> dict:

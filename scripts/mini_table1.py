@@ -65,6 +65,11 @@ class Config:
         return [x for x in self.step_sizes.split(",") if x]
 
 
+def last_round(out: Path, name: str) -> Path:
+    """The last finished round of the ptl.py run OUT/name."""
+    return out / name / f"round_{finished_rounds(out / name)[-1]}"
+
+
 def commands(cfg: Config, finished: set[str]) -> list[tuple[str, list[str], Path | None]]:
     """(name, command, the file it leaves when finished, or None) of every step whose inputs are ready, in order.
     A step that needs the rounds of a PTL run (the baselines' recovery budget is PTL's rounds x --round-samples;
@@ -73,7 +78,6 @@ def commands(cfg: Config, finished: set[str]) -> list[tuple[str, list[str], Path
     train = (f"--max-length {cfg.max_length} --global-batch {cfg.global_batch} --micro-batch {cfg.micro_batch} "
              f"--lr {cfg.lr}")
     size = f"--target-ratio {cfg.target_ratio} --calib-samples {cfg.calib_samples} --max-length {cfg.max_length}"
-    last = lambda name: out / name / f"round_{finished_rounds(out / name)[-1]}"  # noqa: E731
 
     def ptl(name: str, flags: str, samples: int) -> tuple[str, list[str], None]:
         # --seed 1 for recovery: a different shuffle of the offline stream than the dense model's (seed 0)
@@ -98,14 +102,14 @@ def commands(cfg: Config, finished: set[str]) -> list[tuple[str, list[str], Path
                          f"{cfg.neuron_step}", budget))
         steps.append(ptl("shortgpt", "--baseline shortgpt", budget))
     if {"prune-once", "shortgpt"} <= finished:
-        steps.append(evaluate([last("ptl"), last("prune-once"), last("shortgpt")], "eval"))
+        steps.append(evaluate([last_round(out, n) for n in ("ptl", "prune-once", "shortgpt")], "eval"))
         if cfg.round_eval_limit:
             steps.append(("curve", [*py, str(ROOT / "evaluate.py"), "--report", str(out / "ptl")], out / "ptl" / "report.md"))
     step_runs = [f"step-{x}" for x in cfg.step_list()]
     steps += [ptl(n, f"--layer-target {cfg.layer_target} --neuron-step {x}", cfg.round_samples)
               for n, x in zip(step_runs, cfg.step_list())]
     if step_runs and set(step_runs) <= finished:
-        steps.append(evaluate([last(n) for n in step_runs], "eval_steps"))
+        steps.append(evaluate([last_round(out, n) for n in step_runs], "eval_steps"))
     return steps
 
 
@@ -127,14 +131,17 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n)
 
 
-def measure(ev: dict, label: str, path: Path, run_dir: Path | None, dense_acc: float) -> dict:
-    """One row: a model's accuracy, size and speed from an evaluate.py --compare result, and its run's recovery."""
+def measure(ev: dict, label: str, path: Path, run_dir: Path | None, dense: Path) -> dict:
+    """One row: a model's accuracy, size and speed from an evaluate.py --compare result (against `dense`), and its
+    run's recovery."""
     acc, speed = ev[str(path)]["offline"], ev["speed"][str(path)]
+    dense_acc, dense_params = ev[str(dense)]["offline"]["accuracy"], ev["speed"][str(dense)]["params"]
     recs = [load_record(run_dir / f"round_{t}") for t in finished_rounds(run_dir)] if run_dir else []
     parts = [v for r in recs for v in r.get("recovery", {}).values()]
     conf = json.loads((path / "config.json").read_text())
     return {"model": label, "rounds": len(recs), "layers": conf["num_hidden_layers"], "width": conf["intermediate_size"],
             "params": speed["params"]["total"], "non_embedding": speed["params"]["non_embedding"],
+            "removed_non_embedding": 1 - speed["params"]["non_embedding"] / dense_params["non_embedding"],
             "accuracy": acc["accuracy"], "n": acc["n"], "stderr": stderr(acc["accuracy"], acc["n"]),
             "retention": acc["accuracy"] / dense_acc if dense_acc else None,
             "gflops_per_question": acc["flops_per_question"] / 1e9, "flop_ratio_128": speed.get("flop_ratio_128", 1.0),
@@ -142,12 +149,11 @@ def measure(ev: dict, label: str, path: Path, run_dir: Path | None, dense_acc: f
             "recovery_tokens": sum(p["tokens"] for p in parts), "recovery_s": sum(p["time_s"] for p in parts)}
 
 
-def markdown(rows: list[dict], dense: dict) -> str:
+def markdown(rows: list[dict]) -> str:
     head = ["model", "rounds", "layers", "FFN width", "params", "non-emb. removed", "accuracy (%) ± s.e.", "retention",
             "GFLOPs/question", "FLOP ratio", "prefill speedup", "decode speedup", "recovery tokens", "recovery time"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        r["removed_non_embedding"] = 1 - r["non_embedding"] / dense["non_embedding"]
         lines.append("| " + " | ".join([
             r["model"], str(r["rounds"]), str(r["layers"]), str(r["width"]), human(r["params"]),
             f"{r['removed_non_embedding']:.1%}", f"{100 * r['accuracy']:.1f} ± {100 * r['stderr']:.1f}",
@@ -163,21 +169,20 @@ def table(cfg: Config) -> dict:
     out = Path(cfg.out)
     ev = json.loads((out / "eval.json").read_text())
     summary = json.loads((out / "dense" / "train_summary.json").read_text())
-    last = lambda name: out / name / f"round_{finished_rounds(out / name)[-1]}"  # noqa: E731
-    dense_acc = ev[str(out / "dense")]["offline"]["accuracy"]
-    rows = [measure(ev, "dense", out / "dense", None, dense_acc)]
-    rows += [measure(ev, label, last(name), out / name, dense_acc)
+    dense = out / "dense"
+    rows = [measure(ev, "dense", dense, None, dense)]
+    rows += [measure(ev, label, last_round(out, name), out / name, dense)
              for label, name in (("PTL", "ptl"), ("Prune-Once", "prune-once"), ("ShortGPT", "shortgpt"))]
     md = (f"Held-out offline arithmetic, n = {rows[0]['n']} per model, greedy. Dense = {cfg.model} after "
           f"{human(summary['tokens'])} tokens ({summary['time_s'] / 60:.1f} min) of continual pre-training.\n\n"
-          + markdown(rows, rows[0]))
+          + markdown(rows))
     steps = []
     if cfg.step_list():  # Figure 4: the same PTL at other neuron steps, each evaluated beside the dense model again
         ev_s = json.loads((out / "eval_steps.json").read_text())
-        d_acc = ev_s[str(out / "dense")]["offline"]["accuracy"]
-        steps = [measure(ev_s, f"PTL, step {x}", last(f"step-{x}"), out / f"step-{x}", d_acc) for x in cfg.step_list()]
+        steps = [measure(ev_s, f"PTL, step {x}", last_round(out, f"step-{x}"), out / f"step-{x}", dense)
+                 for x in cfg.step_list()]
         md += (f"\nFigure 4, neuron step size ({cfg.round_samples} recovery texts per round; the Table 1 PTL run above "
-               f"used step {cfg.neuron_step}):\n\n" + markdown(steps, rows[0]))
+               f"used step {cfg.neuron_step}):\n\n" + markdown(steps))
     (out / "table.md").write_text(md)
     atomic_write_json(out / "table.json", {"config": vars(cfg), "rows": rows, "step_rows": steps})
     return {"rows": rows, "step_rows": steps, "markdown": md}

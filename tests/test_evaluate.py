@@ -296,17 +296,9 @@ def test_mbpp_prompts_are_lm_evals_three_shot_prompts():
     assert tests == target.render(**rec), "the asserts are lm-eval's reference"
     shots, _, stop, delim = ev.fewshot("mbpp")
     assert len(shots) == 3 and stop == spec["generation_kwargs"]["until"] and delim == spec["target_delimiter"]
-    assert shots[0][1] == target.render(**{**shots_raw()[0], "is_fewshot": True})
+    assert shots[0][1] == target.render(**{**ev.mbpp_fewshot_records()[0], "is_fewshot": True})
     prompt = ev.build_prompts("mbpp", [q], char_tokenizer(), "fewshot")[0][0]
     assert prompt.endswith("[DONE]\n\n" + text.render(**rec)) and prompt.count("[BEGIN]") == 4
-
-
-def shots_raw():
-    import ast
-
-    tree = ast.parse((ev.lm_eval_tasks_dir() / "mbpp" / "utils.py").read_text())
-    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "list_fewshot_samples")
-    return ast.literal_eval(fn.body[-1].value)
 
 
 def test_mbpp_and_squad_are_graded_end_to_end_from_local_files(tmp_path, monkeypatch):
