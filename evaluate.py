@@ -1,7 +1,7 @@
 """Evaluation: the paper's Table 1 metrics (Section 3.1) and the report of a PTL run (Figure 3, Table 6).
 
 Accuracy on GSM8K, Minerva Math and MATH-500 (Table 1), MBPP pass@1 (Table 4), SQuAD exact match and F1
-(Table 5), and held-out generated arithmetic (`offline`, for the CPU miniature); FLOPs per question; measured
+(Table 5), and held-out generated arithmetic (`offline`, for the CPU experiment); FLOPs per question; measured
 speedup of pruned models over the dense one; recovery time from a run's records.
 
     python evaluate.py --model out/smollm2/round_2 --tasks gsm8k,minerva_math,math500 --data-dir ../shared/data
@@ -80,6 +80,14 @@ BENCHMARKS = {
     "squad": Benchmark("squad/validation.jsonl", "rajpurkar/squad", "squad", None, "validation"),  # Table 5 (v1.1)
 }
 OFFLINE_SIZE = 1000  # questions of `offline` without --limit
+METRICS = ("accuracy", "gold_logprob")
+LOGPROB_TOKENS = 1024  # tokens per teacher-forced batch: larger ones spend their time moving logits, not computing
+
+
+class Row(NamedTuple):
+    question: str
+    gold: object  # the graded answer: a number / expression, MBPP's asserts, SQuAD's list of answers
+    reference: str | None  # the benchmark's worked solution, scored by gold_logprobs (None: the record has none)
 
 # ----------------------------------------------------------------------------- answers (pure)
 
@@ -202,15 +210,16 @@ def benchmark_file(name: str, data_dir: str) -> Path:
     return path
 
 
-def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[str, str]]:
-    """(question, gold answer) rows of a benchmark in file order: from --data-dir (the ../shared/data layout)
-    or, without it, the hub; `offline` is generated (the held-out split of ptl_common.OfflineReasoning)."""
+def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Row]:
+    """(question, gold answer, reference solution) rows of a benchmark in file order: from --data-dir (the
+    ../shared/data layout) or, without it, the hub; `offline` is generated (the held-out split of
+    ptl_common.OfflineReasoning)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
     hub = BENCHMARKS[name].hub
     if name == "offline":  # the test split: disjoint from every offline training and calibration row
         ds = OfflineReasoning(seed=0, split="test")
-        return [(r["question"], r["final"]) for r in (ds[i] for i in range(limit or OFFLINE_SIZE))]
+        return [Row(r["question"], r["final"], r["answer"]) for r in (ds[i] for i in range(limit or OFFLINE_SIZE))]
     if data_dir:
         rows = read_jsonl(benchmark_file(name, data_dir))
     elif hub is None:
@@ -227,20 +236,23 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[tuple[
     return [benchmark_row(name, r, where) for where, r in rows[: limit or None]]
 
 
-def benchmark_row(name: str, rec: dict, where: str) -> tuple[str, object]:
-    """(question, gold) of one record: MBPP's prompt as lm-eval renders it and its asserts; SQuAD's passage and
-    question, and the list of its gold answers; the math benchmarks' question and answer (grpo.question_answer)."""
+def benchmark_row(name: str, rec: dict, where: str) -> Row:
+    """One record as a Row: MBPP's prompt as lm-eval renders it, its asserts and its reference code; SQuAD's
+    passage and question, the list of its gold answers, the first of them as reference; the math benchmarks'
+    question and answer (grpo.question_answer), the record's worked solution as reference (GSM8K's `answer`,
+    MATH's `solution`)."""
     try:
         if name == "mbpp":
-            return mbpp_text(rec), "\n".join(rec["test_list"])
+            return Row(mbpp_text(rec), "\n".join(rec["test_list"]), rec.get("code"))
         if name == "squad":
             golds = rec["answers"]["text"] if isinstance(rec["answers"], dict) else rec["answers"]
-            return (f"Title: {rec['title']}\n\nBackground: {rec['context']}\n\nQuestion: {rec['question']}\n\n"
-                    "Answer:", list(golds))  # lm-eval squadv2's doc_to_text
+            return Row(f"Title: {rec['title']}\n\nBackground: {rec['context']}\n\nQuestion: {rec['question']}\n\n"
+                       "Answer:", list(golds), golds[0] if golds else None)  # lm-eval squadv2's doc_to_text
     except (KeyError, TypeError) as e:
         need = "text, test_list" if name == "mbpp" else "title, context, question, answers"
         raise ValueError(f"{where}: a {name} record needs the fields {need} (the hub dataset's); it has {sorted(rec)}") from e
-    return question_answer(rec, where)
+    solution = next((rec[k] for k in ("solution", "answer") if isinstance(rec.get(k), str)), None)
+    return Row(*question_answer(rec, where), solution)
 
 
 def mbpp_text(rec: dict) -> str:
@@ -343,6 +355,78 @@ def _cut(text: str, stop: list[str]) -> str:
     return text
 
 
+def encode(tok, text: str, add_bos: bool) -> list[int]:
+    """Token ids of a prompt, with BOS in front if asked and the text does not already start with it."""
+    return tok(text, add_special_tokens=add_bos and not text.startswith(tok.bos_token or "\0"))["input_ids"]
+
+
+def common_prefix(ids: list[list[int]]) -> int:
+    """Length of the longest token prefix that every sequence shares, leaving each at least one token of its own."""
+    if len(ids) < 2:
+        return 0
+    c, shortest = 0, min(map(len, ids))
+    while c < shortest - 1 and all(x[c] == ids[0][c] for x in ids):
+        c += 1
+    return c
+
+
+def prefix_cache(model, ids: list[int]):
+    """The KV cache of a shared prefix `ids` for one row (None for an empty prefix)."""
+    if not ids:
+        return None
+    return model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True).past_key_values
+
+
+def repeat_cache(cache, rows: int):
+    """A copy of a one-row cache for a batch of `rows` (None stays None)."""
+    if cache is None:
+        return None
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+@torch.no_grad()
+def gold_logprobs(model, tok, prompts: list[str], continuations: list[str], *, batch_size: int,
+                  add_bos: bool) -> list[float]:
+    """Teacher-forced mean log-probability of each continuation y after its prompt x:
+    (1/|y|) sum_t log p(y_t | x, y_<t). A continuous score of how well a model still knows a worked solution:
+    it moves with every weight, where greedy correctness is 0 or 1. Tokens are split as lm-eval splits them:
+    x + y is encoded whole and y is what follows x's own encoding (a trailing space of x moves into y). The
+    prefix that every prompt shares (few-shot examples) is run once and its KV cache reused."""
+    starts = [len(encode(tok, p, add_bos)) for p in prompts]  # where each continuation begins in `whole`
+    whole = [encode(tok, p + y, add_bos) for p, y in zip(prompts, continuations)]
+    for i, (n, w) in enumerate(zip(starts, whole)):
+        if len(w) <= n:
+            raise ValueError(f"continuation #{i} ({continuations[i][:40]!r}) adds no tokens after its prompt")
+    c = common_prefix([w[:n] for n, w in zip(starts, whole)])
+    shared = prefix_cache(model, whole[0][:c])
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    dev, scores = next(model.parameters()).device, [0.0] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: -len(whole[i]))
+    while order:  # longest first; a batch holds about LOGPROB_TOKENS tokens (its logits are rows x tokens x vocab)
+        rows = max(1, min(batch_size, LOGPROB_TOKENS // (len(whole[order[0]]) - c)))
+        batch, order = order[:rows], order[rows:]
+        S = max(len(whole[i]) - c for i in batch)
+        x = torch.full((len(batch), S), pad, dtype=torch.long)  # [rest of the prompt][continuation][right padding]
+        y = torch.full((len(batch), S), -100, dtype=torch.long)  # target at position t: the token at t + 1
+        for b, i in enumerate(batch):
+            rest, start = whole[i][c:], starts[i] - c  # y's first token sits at `start` of the rest
+            x[b, : len(rest)] = torch.tensor(rest)
+            y[b, start - 1 : len(rest) - 1] = torch.tensor(rest[start:])
+        lo = int((y != -100).int().argmax(1).min())  # the earliest predicting position in the batch
+        real = torch.arange(S) < torch.tensor([len(whole[i]) - c for i in batch])[:, None]  # (B, S)
+        mask = torch.cat([torch.ones(len(batch), c, dtype=torch.long), real.long()], 1)  # (B, c + S)
+        logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), past_key_values=repeat_cache(shared, len(batch)),
+                       use_cache=True, logits_to_keep=torch.arange(lo, S, device=dev)).logits  # (B, S - lo, V)
+        nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten().to(dev),
+                                                ignore_index=-100, reduction="none").view(len(batch), -1)
+        n = (y[:, lo:] != -100).sum(1)
+        for b, i in enumerate(batch):
+            scores[i] = -float(nll[b].sum().cpu()) / int(n[b])
+    return scores
+
+
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[str], batch_size: int,
              add_bos: bool, reuse_prefix: bool = True) -> tuple[list[str], list[tuple[int, int]]]:
@@ -352,13 +436,9 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
     from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first, and
     a finished row leaves its batch at once (see greedy)."""
     dev = next(model.parameters()).device
-    ids = [tok(p, add_special_tokens=add_bos and not p.startswith(tok.bos_token or "\0"))["input_ids"] for p in prompts]
-    c = 0
-    if reuse_prefix and len(ids) > 1:
-        shortest = min(map(len, ids))
-        while c < shortest - 1 and all(x[c] == ids[0][c] for x in ids):
-            c += 1
-    prefix_cache = model(input_ids=torch.tensor([ids[0][:c]], device=dev), use_cache=True).past_key_values if c else None
+    ids = [encode(tok, p, add_bos) for p in prompts]
+    c = common_prefix(ids) if reuse_prefix else 0
+    shared = prefix_cache(model, ids[0][:c])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     texts, lengths = [None] * len(prompts), [None] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
@@ -371,11 +451,8 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
             x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
             x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
             mask[b, c + S - (len(ids[i]) - c) :] = 1
-        cache = None
-        if prefix_cache is not None:
-            cache = copy.deepcopy(prefix_cache)
-            cache.batch_repeat_interleave(len(batch))
-        new = greedy(model, tok, x.to(dev), mask.to(dev), cache, max_new_tokens=max_new_tokens, stop=[s for s in stop if s])
+        new = greedy(model, tok, x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)),
+                     max_new_tokens=max_new_tokens, stop=[s for s in stop if s])
         for b, i in enumerate(batch):
             texts[i] = _cut(tok.decode(new[b], skip_special_tokens=True), stop)
             lengths[i] = (len(ids[i]), len(new[b]))
@@ -403,33 +480,60 @@ def grade(style: str, texts: list[str], golds: list, cfg: "Config") -> tuple[lis
 
 
 def evaluate_builtin(model, tok, cfg: "Config") -> dict:
-    """{task: metrics} with the builtin engine. Under torchrun each rank takes every world-th question and the
-    counts are all-reduced; every rank returns the same numbers (samples are rank 0's share)."""
+    """{task: metrics} with the builtin engine: --metrics accuracy (greedy generation, graded) and/or gold_logprob
+    (teacher-forced, no generation). Under torchrun each rank takes every world-th question and the sums are
+    all-reduced; every rank returns the same numbers (samples are rank 0's share)."""
     d = setup_dist(cfg.device)
     results = {}
     for name in cfg.task_list():
-        rows = load_benchmark(name, cfg.data_dir, cfg.limit)
-        mine = rows[d.rank :: d.world]
-        prompts, stop = build_prompts(name, [q for q, _ in mine], tok, cfg.prompt)
-        t0 = time.perf_counter()
-        texts, lengths = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
-                                  batch_size=cfg.batch_size, add_bos=cfg.add_bos and cfg.prompt != "chat")
-        gen_s = time.perf_counter() - t0
-        style = BENCHMARKS[name].style
-        style = "boxed" if cfg.prompt == "chat" and style == "gsm8k" else style
-        preds, marks, f1 = grade(style, texts, [g for _, g in mine], cfg)
-        flops = sum(forward_flops(model.config, P + G) for P, G in lengths)
-        n = torch.tensor([len(mine), sum(m is True for m in marks), sum(m is None for m in marks),
-                          sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s, sum(f1)],
-                         dtype=torch.float64)
-        n = all_reduce_(n.to(d.device)).tolist()
-        results[name] = {"accuracy": n[1] / n[0], "n": int(n[0]), "correct": int(n[1]), "timeouts": int(n[2]),
-                         "no_answer": int(n[3]), "gen_tokens": n[4] / n[0], "flops_per_question": n[5] / n[0],
-                         "gen_tokens_per_s": n[4] / (n[6] / d.world), "engine": "builtin", "prompt": cfg.prompt,
-                         **({"f1": n[7] / n[0]} if style == "squad" else {}),
-                         "samples": [{"question": q, "gold": g, "output": t, "pred": p, "correct": m}
-                                     for (q, g), t, p, m in zip(mine, texts, preds, marks)]}
+        mine = load_benchmark(name, cfg.data_dir, cfg.limit)[d.rank :: d.world]
+        samples = [{"question": r.question, "gold": r.gold} for r in mine]  # filled in by each metric
+        res = {"n": int(all_reduce_(torch.tensor(float(len(mine)), device=d.device)).item()), "engine": "builtin",
+               "prompt": cfg.prompt}
+        if "accuracy" in cfg.metric_list():
+            res.update(accuracy_metrics(model, tok, name, mine, samples, cfg, d))
+        if "gold_logprob" in cfg.metric_list():
+            res.update(logprob_metrics(model, tok, name, mine, samples, cfg, d))
+        results[name] = {**res, "samples": samples}
     return results
+
+
+def accuracy_metrics(model, tok, name: str, rows: list[Row], samples: list[dict], cfg: "Config", d) -> dict:
+    """Greedy generation and grading of this rank's `rows`; each sample gets its output, prediction and mark."""
+    prompts, stop = build_prompts(name, [r.question for r in rows], tok, cfg.prompt)
+    t0 = time.perf_counter()
+    texts, lengths = generate(model, tok, prompts, max_new_tokens=cfg.max_new_tokens, stop=stop,
+                              batch_size=cfg.batch_size, add_bos=cfg.add_bos and cfg.prompt != "chat")
+    gen_s = time.perf_counter() - t0
+    style = BENCHMARKS[name].style
+    style = "boxed" if cfg.prompt == "chat" and style == "gsm8k" else style
+    preds, marks, f1 = grade(style, texts, [r.gold for r in rows], cfg)
+    for smp, t, p, m in zip(samples, texts, preds, marks):
+        smp.update(output=t, pred=p, correct=m)
+    flops = sum(forward_flops(model.config, P + G) for P, G in lengths)
+    n = torch.tensor([len(rows), sum(m is True for m in marks), sum(m is None for m in marks),
+                      sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s, sum(f1)],
+                     dtype=torch.float64)
+    n = all_reduce_(n.to(d.device)).tolist()
+    return {"accuracy": n[1] / n[0], "correct": int(n[1]), "timeouts": int(n[2]), "no_answer": int(n[3]),
+            "gen_tokens": n[4] / n[0], "flops_per_question": n[5] / n[0], "gen_tokens_per_s": n[4] / (n[6] / d.world),
+            **({"f1": n[7] / n[0]} if style == "squad" else {})}
+
+
+def logprob_metrics(model, tok, name: str, rows: list[Row], samples: list[dict], cfg: "Config", d) -> dict:
+    """gold_logprobs of each row's reference solution, asked as the accuracy prompt asks it and written after the
+    prompt's delimiter; the mean over the questions that have a reference (gold_logprob_n of them)."""
+    have = [i for i, r in enumerate(rows) if r.reference]
+    lp = []
+    if have:
+        prompts, _ = build_prompts(name, [rows[i].question for i in have], tok, cfg.prompt)
+        delim = fewshot(name)[3] if cfg.prompt == "fewshot" else ""
+        lp = gold_logprobs(model, tok, prompts, [delim + rows[i].reference for i in have], batch_size=cfg.batch_size,
+                           add_bos=cfg.add_bos and cfg.prompt != "chat")
+    for i, v in zip(have, lp):
+        samples[i]["gold_logprob"] = v
+    n = all_reduce_(torch.tensor([len(have), sum(lp)], dtype=torch.float64, device=d.device)).tolist()
+    return {"gold_logprob": n[1] / n[0] if n[0] else None, "gold_logprob_n": int(n[0])}
 
 
 def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str]:
@@ -460,8 +564,9 @@ def evaluate_lm_eval(model, tok, cfg: "Config") -> dict:
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    if cfg.prompt != "fewshot":
-        raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks; use --engine builtin for --prompt chat")
+    if cfg.prompt != "fewshot" or cfg.metric_list() != ["accuracy"]:
+        raise ValueError("--engine lm-eval runs lm-eval's few-shot tasks for accuracy; use --engine builtin for "
+                         "--prompt chat or --metrics gold_logprob")
     names, extra = cfg.task_list(), cfg.extra_lm_eval_tasks()
     for name in names:
         if BENCHMARKS[name].style in ("code", "squad") or BENCHMARKS[name].lm_eval is None:
@@ -558,7 +663,7 @@ def report(run: str | Path) -> dict:
         recovery += sum(v.get("time_s", 0.0) for v in (r or {}).get("recovery", {}).values())
         rows.append({"model": label, "params": params["total"], "non_embedding": params["non_embedding"],
                      "removed": 1 - params["total"] / recs[0]["dense"]["params"]["total"],
-                     "accuracy": {k: v["accuracy"] for k, v in ev.items()},
+                     "accuracy": {k: v["accuracy"] for k, v in ev.items() if "accuracy" in v},
                      "flops_per_question": {k: v.get("flops_per_question") for k, v in ev.items()},
                      "flop_ratio_128": f0 / forward_flops(conf, 128), "recovery_s": recovery,
                      "layers": conf.num_hidden_layers, "width": conf.intermediate_size})
@@ -618,6 +723,9 @@ class Config:
     compare: str = field(default="", metadata={"help": "further models, comma-separated (e.g. pruned ones): all evaluated; FLOP ratio and speedup over --model, timed alternately"})
     report: str = field(default="", metadata={"help": "a PTL run directory: write report.md, report.json and rounds.png there"})
     tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated arithmetic), mbpp, squad"})
+    metrics: str = field(default="accuracy", metadata={
+        "help": "comma-separated: accuracy (greedy generation, graded), gold_logprob (teacher-forced mean log-probability "
+                "of each question's reference solution; no generation)"})
     data_dir: str = field(default="", metadata={"help": "local benchmark files in the layout of ../shared/data (empty: the hub)"})
     engine: Literal["builtin", "lm-eval"] = "builtin"
     prompt: Literal["fewshot", "chat"] = field(default="fewshot", metadata={"help": "lm-eval's few-shot prompts, or zero-shot R1-style through the chat template"})
@@ -645,13 +753,23 @@ class Config:
                                  "(other lm-eval tasks: --engine lm-eval --lm-eval-tasks NAME)")
         return names
 
+    def metric_list(self) -> list[str]:
+        names = [m for m in self.metrics.split(",") if m]
+        if not names or any(m not in METRICS for m in names):
+            raise ValueError(f"--metrics {self.metrics!r}: choose one or more of {', '.join(METRICS)}")
+        return names
+
     def extra_lm_eval_tasks(self) -> list[str]:
         return [t for t in self.lm_eval_tasks.split(",") if t]
 
 
 def summary_line(name: str, res: dict) -> str:
-    return f"{name}: " + " | ".join(f"{t} {100 * r['accuracy']:.1f}%" + (f" F1 {100 * r['f1']:.1f}" if "f1" in r else "")
-                                    + f" (n={r['n']})" for t, r in res.items())
+    def one(r: dict) -> str:
+        acc = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else ""
+        f1 = f" F1 {100 * r['f1']:.1f}" if "f1" in r else ""
+        lp = f" gold log-prob {r['gold_logprob']:.4f}" if r.get("gold_logprob") is not None else ""
+        return f"{acc}{f1}{lp} (n={r['n']})".strip()
+    return f"{name}: " + " | ".join(f"{t} {one(r)}" for t, r in res.items())
 
 
 def main(cfg: Config) -> dict:

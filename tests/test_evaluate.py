@@ -1,10 +1,12 @@
 """evaluate.py: answer extraction and grading goldens, FLOPs against torch's counter, generation paths that
 agree, both engines on the same generations, the report of a real PTL run, and no clash with HF's evaluate."""
 import json
+import math
 import os
 import shlex
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -232,9 +234,9 @@ def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(
 
 def test_the_offline_benchmark_is_the_held_out_split_asked_zero_shot_in_the_training_format():
     rows = ev.load_benchmark("offline", "", limit=6)
-    assert len(rows) == 6 and all(ptl_common.held_out(q) for q, _ in rows)
+    assert len(rows) == 6 and all(ptl_common.held_out(r.question) for r in rows)
     test = ptl_common.OfflineReasoning(0, split="test")
-    assert rows == [(test[i]["question"], test[i]["final"]) for i in range(6)]
+    assert rows == [(test[i]["question"], test[i]["final"], test[i]["answer"]) for i in range(6)]
     prompts, stop = ev.build_prompts("offline", [rows[0][0]], char_tokenizer(), "fewshot")
     assert prompts == [f"Question: {rows[0][0]} Answer:"] and stop == ["Question:"]
     assert ev.extract_answer(test[0]["answer"], ev.BENCHMARKS["offline"][2]) == test[0]["final"]
@@ -292,7 +294,8 @@ def test_mbpp_prompts_are_lm_evals_three_shot_prompts():
     env = jinja2.Environment(keep_trailing_newline=True)  # as lm_eval.utils renders its templates
     text, target = env.from_string(spec["doc_to_text"]), env.from_string(spec["doc_to_target"])
     assert ev.mbpp_text(rec) == text.render(**rec)
-    q, tests = ev.benchmark_row("mbpp", rec, "x")
+    q, tests, code = ev.benchmark_row("mbpp", rec, "x")
+    assert code == rec["code"], "the reference solution of the gold log-prob"
     assert tests == target.render(**rec), "the asserts are lm-eval's reference"
     shots, _, stop, delim = ev.fewshot("mbpp")
     assert len(shots) == 3 and stop == spec["generation_kwargs"]["until"] and delim == spec["target_delimiter"]
@@ -325,3 +328,51 @@ def test_mbpp_and_squad_are_graded_end_to_end_from_local_files(tmp_path, monkeyp
     assert res["squad"]["accuracy"] == 0.5 and res["squad"]["f1"] == pytest.approx((1 + 0.5) / 2)
     with pytest.raises(ValueError, match="line|fields"):
         ev.benchmark_row("squad", {"question": "q"}, "squad.jsonl:3")
+
+
+def _plain_logprob(model, tok, prompt: str, continuation: str) -> float:
+    """The reference: one uncached forward over prompt + continuation, log-softmax, the continuation's tokens."""
+    n = len(tok(prompt)["input_ids"])
+    ids = torch.tensor([tok(prompt + continuation)["input_ids"]])
+    with torch.no_grad():
+        lp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    return float(lp[torch.arange(n - 1, ids.shape[1] - 1), ids[0, n:]].mean())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_gold_logprob_equals_a_plain_forward_with_and_without_a_shared_prefix_at_any_batch(arch):
+    model, tok = tiny_model(arch), char_tokenizer()
+    head = "Q: 1 + 1 = ? A: 2\n\n"  # a few-shot head every prompt shares: its KV cache is reused
+    prompts = [head + "Q: 3 + 4 = ? A:", head + "Q: 12 + 30 = ? A:", head + "Q: 5 = ? A:"]
+    conts = [" 3 + 4 = 7.", " 12 + 30 = 42, so 42.", " 5."]
+    want = [_plain_logprob(model, tok, p, c) for p, c in zip(prompts, conts)]
+    for batch_size in (1, 2, 3):
+        got = ev.gold_logprobs(model, tok, prompts, conts, batch_size=batch_size, add_bos=True)
+        assert got == pytest.approx(want, abs=1e-5)
+    alone = ev.gold_logprobs(model, tok, prompts[1:2], conts[1:2], batch_size=1, add_bos=True)  # no shared prefix
+    assert alone == pytest.approx(want[1:2], abs=1e-5)
+
+
+def test_gold_logprob_of_a_model_with_uniform_next_token_odds_is_minus_log_vocab():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # every logit 0: p = 1/V for each of the V = 128 tokens (tied: embeddings too)
+    got = ev.gold_logprobs(model, tok, ["Q: 2 + 2 A:", "Q: 9 A:"], [" 4", " nine."], batch_size=2, add_bos=True)
+    assert got == pytest.approx([-math.log(128)] * 2, abs=1e-6)
+    with pytest.raises(ValueError, match="adds no tokens"):
+        ev.gold_logprobs(model, tok, ["Q:"], [""], batch_size=1, add_bos=True)
+
+
+def test_gold_logprob_is_a_metric_of_its_own_with_one_score_per_question():
+    model, tok = tiny_model("llama"), char_tokenizer()
+    cfg = ev.Config(tasks="offline", limit=3, metrics="gold_logprob", batch_size=2, device="cpu")
+    res = ev.evaluate_builtin(model, tok, cfg)["offline"]
+    assert "accuracy" not in res and "output" not in res["samples"][0], "no generation was asked for"
+    rows = ev.load_benchmark("offline", "", limit=3)
+    want = [_plain_logprob(model, tok, f"Question: {r.question} Answer:", " " + r.reference) for r in rows]
+    assert [s["gold_logprob"] for s in res["samples"]] == pytest.approx(want, abs=1e-5)
+    assert res["gold_logprob"] == pytest.approx(sum(want) / 3, abs=1e-5) and res["gold_logprob_n"] == res["n"] == 3
+    both = ev.evaluate_builtin(model, tok, replace(cfg, metrics="accuracy,gold_logprob", max_new_tokens=2))["offline"]
+    assert "accuracy" in both and both["gold_logprob"] == pytest.approx(res["gold_logprob"], abs=1e-6)
+    with pytest.raises(ValueError, match="choose one or more of accuracy, gold_logprob"):
+        ev.Config(metrics="perplexity").metric_list()
