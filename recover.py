@@ -12,8 +12,9 @@ Choices, against the paper and the authors' LLaMA-Factory yamls:
    released yamls use lr 4e-6 (Llama, Qwen; 8e-6 for Gemma2) and cutoff_len 512.
 2. Each document starts as the tokenizer starts it (BOS where the model has one); LLaMA-Factory's pt stage
    adds BOS only for Gemma. Packed documents see each other, as in LLaMA-Factory's pt stage.
-3. The last partial block is kept (padded; padding has no labels), so every token is trained on once; a
-   last partial global batch is dropped, so every step sees --global-batch blocks.
+3. The last partial block is kept (padded; padding has no labels), and so is an epoch's last partial global
+   batch (filled up with label-free copies of other blocks): every token is trained on once per epoch, and
+   every step has --global-batch blocks of one shape on every rank.
 4. FSDP2 stands in for DeepSpeed ZeRO-2 (FSDP2 also shards the parameters, like ZeRO-3).
 
     python recover.py --data offline --samples 512 --max-length 256 --max-steps 20 --out /tmp/cpt   # CPU
@@ -31,6 +32,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -65,6 +67,17 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def step_blocks(step: int, n: int, g: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the g block indices of optimizer step `step`, which of them are trained on): a pure function of the seed
+    and the step. Epoch e visits the n blocks in the order randperm(n, seed + e), g at a time; its last, partial
+    batch is filled up with blocks from the start of that order that carry no labels (context only), so every step
+    has g blocks on every rank and every block is trained on once per epoch."""
+    epoch, s = divmod(step, math.ceil(n / g))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    idx = order[s * g : (s + 1) * g]
+    return torch.cat([idx, order[: g - len(idx)]]), torch.arange(g) < len(idx)
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,15 +187,21 @@ class Config:
     grad_ckpt: bool = field(default=False, metadata={"help": "non-reentrant gradient checkpointing"})
     fsdp: bool = field(default=False, metadata={"help": "FSDP2 per decoder layer instead of DDP"})
     save_every: int = field(default=0, metadata={"help": "steps between resumable checkpoints (0: none)"})
+    keep_every: int = field(default=0, metadata={
+        "help": "also keep the weights every N steps as OUT/step_<N>/, a plain HF checkpoint (a learning curve)"})
+    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
+        "help": "matmul precision under fp32 master weights: bf16 autocast, or fp32; auto = bf16 on CUDA, fp32 on CPU"})
     seed: int = 0
     device: str = "auto"
 
     def __post_init__(self):
         if self.global_batch < 1 or self.micro_batch < 1 or self.max_length < 2 or self.lr <= 0:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
+        if self.keep_every < 0 or self.save_every < 0:
+            raise ValueError("need --keep-every >= 0 and --save-every >= 0")
 
 
-RESUMABLE = {"save_every", "device"}  # may change when a run is resumed
+RESUMABLE = {"save_every", "keep_every", "device"}  # may change when a run is resumed
 
 
 def train(model, tok, texts: list[str], cfg: Config) -> dict:
@@ -200,8 +219,8 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     N, G, M, W = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch, d.world
     if G % (M * W):
         raise ValueError(f"--global-batch {G} must be a multiple of --micro-batch {M} x {W} processes")
-    accum, per_epoch = G // (M * W), N // G
-    if per_epoch == 0:
+    accum, per_epoch = G // (M * W), math.ceil(N / G)
+    if N < G:
         raise ValueError(f"the data packs into {N} blocks of {cfg.max_length} tokens, fewer than one global batch "
                          f"({G}); use more data, a smaller --global-batch or a shorter --max-length")
     total = cfg.max_steps or cfg.epochs * per_epoch
@@ -214,24 +233,28 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
                             fused=True)  # one kernel for all parameters: 5x faster than foreach on CPU
     fingerprint = {"blocks": N, "tokens": int(data["attention_mask"].sum()), "config": asdict(cfg)}
     start, elapsed = resume(out, net, opt, fingerprint)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if d.device.type == "cuda" else nullcontext()
+    autocast = autocast_for(cfg.precision, d.device)
     log = out / "metrics.jsonl"
     bar = tqdm(total=total, initial=start, desc="recover", disable=not d.main, leave=False)
-    def blocks_of(step: int) -> torch.Tensor:  # the G blocks of a step: a pure function of (seed, step)
-        epoch, s = divmod(step, per_epoch)
-        order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        return order[s * G : (s + 1) * G]
+    def blocks_of(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return step_blocks(step, N, G, cfg.seed)
+
+    def trained_tokens(step: int) -> int:
+        idx, live = blocks_of(step)
+        return int(data["attention_mask"][idx[live]].sum())
 
     t_start, loss = time.time() - elapsed, float("nan")
-    tokens = sum(int(data["attention_mask"][blocks_of(s)].sum()) for s in range(start))  # trained before a resume
+    tokens = sum(trained_tokens(s) for s in range(start))  # trained before a resume
     for step in range(start, total):
         t0 = time.perf_counter()
-        batch = blocks_of(step)  # this rank takes every W-th run of M blocks of it
-        n_tok = (data["labels"][batch, 1:] != -100).sum()  # labelled tokens in the whole global batch
-        loss_sum, real = torch.zeros((), device=d.device), torch.zeros((), device=d.device)
+        batch, live = blocks_of(step)  # this rank takes every W-th run of M blocks of it
+        labels = data["labels"][batch].masked_fill(~live[:, None], -100)  # (G, T): fillers carry no labels
+        n_tok = (labels[:, 1:] != -100).sum()  # labelled tokens in the whole global batch
+        loss_sum = torch.zeros((), device=d.device)
         for m in range(accum):
-            ix = batch[(m * W + d.rank) * M : (m * W + d.rank + 1) * M]
-            b = {k: v[ix].to(d.device) for k, v in data.items()}
+            j = slice((m * W + d.rank) * M, (m * W + d.rank + 1) * M)
+            b = {"input_ids": data["input_ids"][batch[j]].to(d.device), "labels": labels[j].to(d.device),
+                 "attention_mask": data["attention_mask"][batch[j]].to(d.device)}
             with grad_sync(net, m == accum - 1), autocast:
                 mask = None if b["attention_mask"].all() else b["attention_mask"]  # full blocks: SDPA's causal path
                 # No name holds the (B, T, V) logits, so autograd can free them during backward.
@@ -239,7 +262,6 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
                 # DDP and FSDP average gradients over ranks: x W makes the result sum(ce) / n_tok exactly.
                 (ce * W / n_tok).backward()
             loss_sum += ce.detach()
-            real += b["attention_mask"].sum()
         loss = (all_reduce_(loss_sum) / n_tok).item()
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping before the update. The last "
@@ -251,7 +273,7 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
         gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        real = all_reduce_(real).item()
+        real = trained_tokens(step)
         tokens, tok_s = tokens + real, real / (time.perf_counter() - t0)
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s}
         if d.main:
@@ -259,6 +281,8 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
                 f.write(json.dumps(row) + "\n")
             bar.update(1)
             bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s {tok_s:.0f}")
+        if cfg.keep_every and (step + 1) % cfg.keep_every == 0 and step + 1 < total:
+            save_weights(out / f"step_{step + 1}", model, net, tok)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_state(out / "checkpoints" / f"step_{step + 1}", net, opt, step + 1,
                        {**fingerprint, "elapsed": time.time() - t_start})
@@ -297,11 +321,15 @@ def resume(out: Path, net, opt, fingerprint: dict) -> tuple[int, float]:
     return meta["step"], meta["elapsed"]
 
 
-def save_final(out: Path, model, net, tok, summary: dict) -> None:
-    """The trained weights as a plain HF checkpoint in OUT, then train_summary.json, which marks the run done.
+def autocast_for(precision: str, device: torch.device):
+    """The autocast context of --precision: bf16 matmuls under fp32 master weights, or plain fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
-    Files are written to a temporary dir and moved in with config.json last: OUT never holds a loadable but
-    partial checkpoint. The resumable checkpoints are deleted afterwards."""
+
+def save_weights(path: Path, model, net, tok) -> None:
+    """The current weights as a plain HF checkpoint at `path` (rank 0 writes a temporary dir, then renames it)."""
     sd = get_model_state_dict(net, options=FULL)  # gathers FSDP shards; a no-op copy otherwise
     seen = set()
     for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: keep the first name only
@@ -309,9 +337,20 @@ def save_final(out: Path, model, net, tok, summary: dict) -> None:
             sd.pop(name, None)
         seen.add(id(p))
     if is_main():
-        with atomic_dir(out / "final") as tmp:
+        shutil.rmtree(path, ignore_errors=True)  # a resumed run rewrites the snapshot it had written
+        with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
             tok.save_pretrained(tmp)
+    barrier()
+
+
+def save_final(out: Path, model, net, tok, summary: dict) -> None:
+    """The trained weights as a plain HF checkpoint in OUT, then train_summary.json, which marks the run done.
+
+    Files are written to a temporary dir and moved in with config.json last: OUT never holds a loadable but
+    partial checkpoint. The resumable checkpoints are deleted afterwards."""
+    save_weights(out / "final", model, net, tok)
+    if is_main():
         for f in sorted((out / "final").iterdir(), key=lambda p: p.name == "config.json"):
             os.replace(f, out / f.name)
         (out / "final").rmdir()

@@ -45,6 +45,31 @@ def test_packing_keeps_every_token_once_in_order_eos_between_documents_and_no_la
     assert labels.tolist() == [[5, 6, 7, eos, 8], [eos, 9, 10, 11, 12], [13, eos, -100, -100, -100]]
 
 
+@pytest.mark.parametrize("n, g", [(10, 4), (8, 4), (3, 4), (1, 1)])
+def test_every_block_is_trained_on_once_per_epoch_and_every_step_has_a_full_batch(n, g):
+    steps = math.ceil(n / g)
+    for epoch in range(2):
+        seen = []
+        for step in range(epoch * steps, (epoch + 1) * steps):
+            idx, live = recover.step_blocks(step, n, g, seed=3)
+            assert len(idx) == len(live) == g and live[: int(live.sum())].all(), "fillers come last"
+            seen += idx[live].tolist()
+        assert sorted(seen) == list(range(n))
+
+
+def test_a_partial_last_batch_is_trained_on_with_label_free_fillers(tmp_path):
+    """10 texts pack into a number of blocks that 4 does not divide: the last step still counts every token, and
+    recovery token counts do not depend on how texts are split between runs (PTL's rounds vs one run)."""
+    tok = char_tokenizer()
+    whole = run(tmp_path / "whole", texts=TEXTS[:10], max_steps=0)
+    parts = [run(tmp_path / f"part{i}", texts=TEXTS[5 * i : 5 * i + 5], max_steps=0) for i in range(2)]
+    blocks = recover.pack([ids + [tok.eos_token_id] for ids in tok(TEXTS[:10])["input_ids"]], 32, tok.pad_token_id)
+    assert len(blocks["input_ids"]) % 4 and whole["steps"] == math.ceil(len(blocks["input_ids"]) / 4)
+    real = int(blocks["attention_mask"].sum())
+    assert whole["tokens"] == real == sum(p["tokens"] for p in parts), "every token once, however the texts split"
+    assert all(math.isfinite(r["loss"]) for r in metrics(tmp_path / "whole"))
+
+
 def test_cosine_schedule_warms_up_linearly_then_decays_to_zero():
     lrs = [recover.cosine_lr(s, total=10, warmup=2, peak=1.0) for s in range(10)]
     assert lrs[:2] == [0.5, 1.0] and lrs[2] == 1.0
