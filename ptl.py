@@ -428,6 +428,16 @@ def neuron_budget(model, cfg: Config) -> int | None:
     return max(0, I - width)
 
 
+def neuron_schedule(total: int, step: int) -> list[int]:
+    """Neurons per layer that each neuron round removes: `step` at a time until `total` are gone, and a remainder
+    under half a step joins the last round (a round of its own would spend a whole recovery on a sliver)."""
+    rounds = []
+    while total > 0:
+        rounds.append(total if total - step < step / 2 else step)
+        total -= rounds[-1]
+    return rounds
+
+
 def shortgpt_layers(model, ratio: float) -> int:
     """ShortGPT's depth cut: the fewest whole layers whose removal takes >= ratio of all parameters."""
     L, per_layer = len(decoder_layers(model)), sum(p.numel() for p in decoder_layers(model)[0].parameters())
@@ -545,8 +555,11 @@ def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, st
     if kind == "neurons":
         L, I = s_neu.shape
         step = max(1, round(cfg.neuron_step * state["dense"]["intermediate_size"]))
-        k = uniform_count(s_neu, cfg.sigma_neuron) if cfg.sigma_neuron is not None else step
-        k = k if left is None else min(k, left)
+        if cfg.sigma_neuron is not None:
+            k = uniform_count(s_neu, cfg.sigma_neuron)
+            k = k if left is None else min(k, left)
+        else:
+            k = step if left is None else (neuron_schedule(left, step) or [0])[0]
         if k >= I:
             raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --sigma-neuron or --target-ratio")
         removed = [lowest(s_neu[l], k) for l in range(L)]
@@ -598,7 +611,7 @@ def main(cfg: Config) -> dict:
         dense_eval = evaluate_round(model, tok, cfg)  # the dense row of the report (round 0)
         if d.main:
             atomic_write_json(out / "dense_eval.json", dense_eval)
-        print0("dense | " + " | ".join(f"{k} {100 * v['accuracy']:.1f}%" for k, v in dense_eval.items()))
+        print0(import_evaluate().summary_line("dense", dense_eval))
     calib = shard(cfg.calib_data, cfg.calib_samples)
     protect = shard(cfg.protect_data, cfg.protect_samples) if cfg.protect_data else None
     records, P0 = [], state["dense"]["params"]["total"]
@@ -641,7 +654,7 @@ def main(cfg: Config) -> dict:
         print0(f"round {rec['round']} | {kind} {cut} | width "
                f"{model.config.intermediate_size} | layers {model.config.num_hidden_layers} | params "
                f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s"
-               + "".join(f" | {k} {100 * v['accuracy']:.1f}%" for k, v in rec.get("eval", {}).items()))
+               + (" | " + import_evaluate().summary_line("eval", rec["eval"]) if "eval" in rec else ""))
     final = count_params(model)
     result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
               "params": final, "removed_ratio": 1 - final["total"] / P0, "records": records}

@@ -116,8 +116,22 @@ def test_resuming_with_other_settings_is_refused(tiny_dirs, tmp_path):
 def test_a_target_ratio_run_stops_at_the_target(tiny_dirs, tmp_path):
     result = run(tiny_dirs["gemma2"], tmp_path, target_ratio=0.2, neuron_step=0.15)
     steps = [r["neurons_per_layer"] for r in records(tmp_path)]
-    assert steps[:-1] == [6] * (len(steps) - 1) and 0 < steps[-1] <= 6, "fixed steps, then the remainder"
+    assert steps[:-1] == [6] * (len(steps) - 1) and 3 <= steps[-1] < 9, "fixed steps, then the remainder"
     assert 0.2 <= result["removed_ratio"] < 0.2 + 3 * 32 * 4 / result["params"]["total"]
+
+
+@pytest.mark.parametrize("budget, steps", [(23, [10, 13]), (25, [10, 10, 5]), (20, [10, 10]), (4, [4]), (0, [])])
+def test_a_remainder_under_half_a_step_joins_the_last_neuron_round(budget, steps):
+    """Width 40, step 0.25 = 10 neurons: 23 is 10 + 13 (the 3 left would cost a recovery round of their own),
+    25 is 10 + 10 + 5 (half a step is a round), and a budget under one step is one round."""
+    assert ptl.neuron_schedule(budget, 10) == steps
+    cfg, s_neu = ptl.Config(neuron_step=0.25), torch.rand(2, 40)
+    state, got = {"round": 0, "dense": {"intermediate_size": 40}, "left": {"neurons": budget}}, []
+    while state["left"]["neurons"]:  # the loop's own removal() follows the schedule
+        got.append(len(ptl.removal("neurons", s_neu, None, cfg, state)[0]))
+        state["left"]["neurons"] -= got[-1]
+        state["round"] += 1
+    assert got == steps
 
 
 def test_sigma_neuron_removes_exactly_the_never_active_neurons_then_stops(tmp_path):
