@@ -7,7 +7,7 @@ noted where they differ), run as a sequence of ptl.py / recover.py / grpo.py / e
 
 They need a GPU cluster and network; offline each stops at the first hub download with a clear message
 (tests/test_recipes.py). SliceGPT (a Table 1 baseline) is not implemented. A miniature of Table 1 that runs on
-two CPU cores: scripts/mini_table1.py.
+two CPU cores: scripts/gradual.py (PTL against Prune-Once, powered and paired).
 """
 from __future__ import annotations
 

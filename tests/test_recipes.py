@@ -57,24 +57,3 @@ for name, r in recipes.RECIPES.items():
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     assert sorted(out.stdout.split()[::3]) == sorted(recipes.RECIPES), out.stderr[-2000:]
     assert out.stdout.count("STOPPED True") == len(recipes.RECIPES), out.stdout
-
-
-def test_the_cpu_miniature_runs_end_to_end_and_tabulates_all_four_models(tmp_path, tiny_dirs):
-    import mini_table1
-
-    cfg = mini_table1.Config(out=str(tmp_path), model=tiny_dirs["llama"], dense_samples=8, target_ratio=0.3,
-                             layer_target=1, neuron_step=0.25, round_samples=4, max_length=64, global_batch=2,
-                             micro_batch=2, calib_samples=4, eval_limit=3, round_eval_limit=2, max_new_tokens=3)
-    res = mini_table1.main(cfg)
-    rows = {r["model"]: r for r in res["rows"]}
-    assert list(rows) == ["dense", "PTL", "Prune-Once", "ShortGPT"]
-    ptl_rounds = rows["PTL"]["rounds"]
-    assert ptl_rounds > 1 and rows["Prune-Once"]["rounds"] == rows["ShortGPT"]["rounds"] == 1
-    assert rows["PTL"]["params"] == rows["Prune-Once"]["params"], "PTL and Prune-Once end at one architecture"
-    assert rows["ShortGPT"]["width"] == rows["dense"]["width"], "ShortGPT removes only layers"
-    assert all(r["n"] == 3 and r["flop_ratio_128"] > 1 for r in res["rows"][1:])
-    texts = [json.loads((tmp_path / "prune-once" / "round_1" / "ptl_record.json").read_text())["recovery"]["cpt"]["rows"],
-             json.loads((tmp_path / "ptl" / f"round_{ptl_rounds}" / "ptl_record.json").read_text())["recovery"]["cpt"]["rows"]]
-    assert texts[0] == [0, 4 * ptl_rounds] and texts[1][1] == 4 * ptl_rounds, "the same recovery texts in all"
-    assert (tmp_path / "table.md").read_text().count("\n| ") == 5 and (tmp_path / "ptl" / "rounds.png").exists()
-    assert mini_table1.stderr(0.5, 100) == 0.05

@@ -1,0 +1,345 @@
+"""Does gradual beat one cut? PTL against Prune-Once at an equal recovery budget, with seeds, two sizes, a budget
+curve and paired statistics: the experiment behind the README section of the same name (issue 10).
+
+    python scripts/gradual.py                                # the whole experiment; re-running resumes
+    python scripts/gradual.py --cell ptl-45-b560-s2          # one cell (method, size, budget, seed) on its own
+    python scripts/gradual.py --print                        # the commands it runs, without running them
+    python scripts/gradual_stats.py                          # every README number, from the committed results
+
+Design, fixed before any compressed model was evaluated (the defaults of Config below; the dense model and its
+curve were measured first, to size the rest):
+1. A skill that recovery cannot re-teach. The dense model is SmolLM2-135M-Instruct after continual pre-training on
+   --dense-samples offline chain-of-thought arithmetic texts (sums of up to five 3-digit numbers, and leg
+   counting; seed 0; 596K tokens), long enough for held-out accuracy to level off (snapshots every
+   --snapshot-every steps make the curve). Every compressed model then recovers on --budget texts of the same
+   generator (other problems: recovery seeds 101, 102, ...; 70K tokens): an eighth of what taught the skill.
+   Recovering on the same generator keeps the answer format, so that accuracy measures the skill, not the
+   format; the budget ratio keeps recovery from re-teaching it (the same budget, spent on the starting model,
+   is the dense curve's first point).
+2. Equal budgets. At each size (--sizes: fractions of the non-embedding parameters removed), PTL removes
+   --neuron-step of the FFN width per round (a remainder under half a step joins the last neuron round), then
+   --layer-target single-layer rounds, recovering on budget / rounds texts after each round; Prune-Once removes
+   as many neurons and layers in one cut, then recovers on the whole budget: the same texts, in one run.
+   Prune-Once without recovery shows the damage that recovery repairs.
+3. Seeds: seed s draws its own calibration sample (seed s) and its own recovery texts and order (seed 100 + s);
+   PTL and Prune-Once of one seed share both. --seeds for the comparison at --budget and for Prune-Once without
+   recovery; --curve-seeds for the rest of the budget curve.
+4. Measurement: every model answers the same --eval-n held-out problems (`evaluate.py --tasks offline`: a
+   content-hash split that no training or calibration text ever contains), greedy, and is scored by correctness
+   and by the teacher-forced mean log-probability of the gold solution (`--metrics gold_logprob`), a
+   continuous score with far less variance than 0/1. Statistics: scripts/gradual_stats.py.
+5. A recovery-budget curve at --curve-size: PTL and Prune-Once at budget 0 (no recovery), --curve-budgets and
+   --budget texts, which separates "gradual helps" from "more training helps".
+6. Recovery: lr --recovery-lr (half the dense lr), --recovery-batch blocks of --max-length tokens per step,
+   warmup 5% then cosine within every recovery run, bf16 autocast over fp32 master weights; calibration in fp32.
+
+Every cell is a plain recover.py / ptl.py / evaluate.py command; --jobs of them run at once, the CPU cores split
+between them. A cell leaves OUT/<cell>/ (its final model, for other benchmarks later: the last round_<T>/ of a
+ptl.py run; earlier rounds keep their records, not their weights) and RESULTS/<cell>.json (each problem's
+correctness and gold log-probability), from which scripts/gradual_stats.py computes the README's table and
+budget curve. A finished cell is skipped; one made with other settings is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptl_common import (DEFAULT_MODEL, atomic_write_json, finished_rounds, load_record,  # noqa: E402
+                        parse_config, resolve_model)
+
+PY = sys.executable
+
+
+@dataclass
+class Config:
+    """Gradual (PTL) against one cut (Prune-Once) at an equal recovery budget, powered and paired."""
+    out: str = field(default="out/gradual", metadata={"help": "checkpoints and logs of every cell"})
+    results: str = field(default="results/gradual", metadata={"help": "one JSON of per-problem results per model"})
+    model: str = DEFAULT_MODEL
+    dense_samples: int = field(default=4800, metadata={"help": "offline texts that teach the dense model its skill"})
+    dense_lr: float = 2e-4
+    dense_batch: int = field(default=8, metadata={"help": "blocks per step of the dense model's training"})
+    snapshot_every: int = field(default=30, metadata={"help": "dense training steps between curve snapshots"})
+    sizes: str = field(default="0.30,0.45", metadata={"help": "fractions of the non-embedding parameters removed"})
+    layer_target: int = 2
+    neuron_step: float = 0.1
+    budget: int = field(default=560, metadata={"help": "recovery texts per compressed model, over all its rounds"})
+    seeds: str = "1,2,3"
+    curve_size: float = field(default=0.45, metadata={"help": "the size of the recovery-budget curve"})
+    curve_budgets: str = field(default="140,280", metadata={"help": "further budgets at --curve-size"})
+    curve_seeds: str = field(default="1", metadata={
+        "help": "seeds of the further budgets, and of PTL without recovery (Prune-Once without: every seed)"})
+    recovery_lr: float = 1e-4
+    recovery_batch: int = field(default=4, metadata={"help": "blocks per recovery step"})
+    micro_batch: int = 4
+    max_length: int = 256
+    calib_samples: int = 64
+    eval_n: int = field(default=500, metadata={"help": "held-out problems that every model answers"})
+    curve_eval_n: int = field(default=200, metadata={"help": "held-out problems each dense-curve snapshot answers"})
+    max_new_tokens: int = field(default=200, metadata={"help": "the longest gold solution of --eval-n is 176 tokens"})
+    eval_batch: int = 250
+    eval_dtype: str = field(default="bfloat16", metadata={"help": "evaluate.py --dtype"})
+    jobs: int = field(default=2, metadata={"help": "cells run at once (the CPU cores are split between them)"})
+    cell: str = field(default="", metadata={"help": "run only this cell (after the dense model it starts from)"})
+    in_process: bool = field(default=False, metadata={
+        "help": "run every command inside this process, one at a time (the tiny-model test)"})
+    print: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
+
+    def __post_init__(self):
+        if self.jobs < 1 or self.budget < 1 or self.eval_n < 1 or not self.seed_list():
+            raise ValueError("need --jobs >= 1, --budget >= 1, --eval-n >= 1 and at least one seed")
+        if self.curve_size not in self.size_list():
+            raise ValueError(f"--curve-size {self.curve_size} must be one of --sizes {self.sizes}")
+
+    def size_list(self) -> list[float]:
+        return [float(x) for x in self.sizes.split(",") if x]
+
+    def seed_list(self) -> list[int]:
+        return [int(x) for x in self.seeds.split(",") if x]
+
+    def plan(self, size: float) -> list[tuple[int, int, str]]:
+        """(budget, seed, method) of every compressed model at `size`: both methods at --budget with every seed;
+        Prune-Once without recovery with every seed; at --curve-size, PTL without recovery and both methods at
+        --curve-budgets with --curve-seeds."""
+        seeds, few = self.seed_list(), [int(x) for x in self.curve_seeds.split(",") if x]
+        todo = [(self.budget, s, m) for s in seeds for m in ("ptl", "once")] + [(0, s, "once") for s in seeds]
+        if size == self.curve_size:
+            todo += [(0, s, "ptl") for s in few]
+            todo += [(int(b), s, m) for b in self.curve_budgets.split(",") if b for s in few for m in ("ptl", "once")]
+        return todo
+
+
+# Settings that do not change what a cell computes: how and where the driver runs.
+NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print"}
+
+
+class Cell(NamedTuple):
+    name: str  # e.g. ptl-45-b560-s2; dense; dense-step30
+    method: str  # ptl, once, or dense (the dense model and its curve snapshots)
+    size: float  # fraction of the non-embedding parameters removed
+    budget: int  # recovery texts in all
+    seed: int
+    train: list[list[str]]  # commands that make the model (none for a snapshot)
+    model: Path  # the model that is evaluated: a checkpoint directory, or a ptl.py run's last round
+
+
+def shape(cfg: Config, size: float) -> tuple[float, int]:
+    """(ptl.py --target-ratio, PTL's number of rounds) for `size`, a fraction of the non-embedding parameters, on
+    the model that the dense phase trains. Built on the meta device: only its config is read."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import ptl
+    from ptl_common import count_params
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(cfg.model)))
+    p = count_params(model)
+    ratio = round(size * p["non_embedding"] / p["total"], 6)
+    neurons = ptl.neuron_budget(model, ptl.Config(target_ratio=ratio, layer_target=cfg.layer_target))
+    step = max(1, round(cfg.neuron_step * model.config.intermediate_size))
+    return ratio, len(ptl.neuron_schedule(neurons, step)) + cfg.layer_target
+
+
+def model_cells(cfg: Config) -> list[Cell]:
+    """The dense model, then every compressed one (size x budget x seed x method)."""
+    out, train = Path(cfg.out), ["--max-length", str(cfg.max_length), "--micro-batch", str(cfg.micro_batch),
+                                 "--precision", "bf16"]
+    dense = [PY, str(ROOT / "recover.py"), "--model", cfg.model, "--data", "offline", "--samples",
+             str(cfg.dense_samples), "--global-batch", str(cfg.dense_batch), "--lr", str(cfg.dense_lr),
+             "--keep-every", str(cfg.snapshot_every), *train, "--out", str(out / "dense")]
+    todo = [Cell("dense", "dense", 0.0, 0, 0, [dense], out / "dense")]
+    for size in cfg.size_list():
+        ratio, rounds = shape(cfg, size)
+        for budget, seed, method in cfg.plan(size):
+            if budget % rounds:
+                raise ValueError(f"{budget} recovery texts do not split evenly over PTL's {rounds} rounds at size "
+                                 f"{size}: make --budget and --curve-budgets multiples of {rounds}")
+            name = f"{method}-{round(100 * size)}-b{budget}-s{seed}"
+            cmd = [PY, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(out / name), "--target-ratio",
+                   str(ratio), "--layer-target", str(cfg.layer_target), "--neuron-step", str(cfg.neuron_step),
+                   "--calib-samples", str(cfg.calib_samples), "--max-length", str(cfg.max_length), "--seed", str(seed)]
+            cmd += ["--baseline", "prune-once"] if method == "once" else []
+            if budget:  # PTL: budget / rounds texts after each round; Prune-Once: all of them at once
+                texts = budget // rounds if method == "ptl" else budget
+                cmd += ["--recovery", "cpt", "--cpt-flags", shlex.join(
+                    ["--data", "offline", "--samples", str(texts), "--seed", str(100 + seed), "--lr",
+                     str(cfg.recovery_lr), "--global-batch", str(cfg.recovery_batch), *train])]
+            todo.append(Cell(name, method, size, budget, seed, [cmd], out / name))
+    return todo
+
+
+def snapshot_cells(cfg: Config) -> list[Cell]:
+    """The dense model's learning curve: the starting model (step 0) and every snapshot the dense run kept."""
+    snaps = sorted(Path(cfg.out, "dense").glob("step_*"), key=lambda p: int(p.name[5:]))
+    start = Cell("dense-step0", "dense", 0.0, 0, 0, [], Path(resolve_model(cfg.model)))
+    return [start] + [Cell(f"dense-{p.name.replace('_', '')}", "dense", 0.0, 0, 0, [], p) for p in snaps]
+
+
+def evaluate_command(cfg: Config, model: Path, to: Path, n: int) -> list[str]:
+    return [PY, str(ROOT / "evaluate.py"), "--model", str(model), "--tasks", "offline", "--limit", str(n),
+            "--metrics", "accuracy,gold_logprob", "--max-new-tokens", str(cfg.max_new_tokens), "--batch-size",
+            str(cfg.eval_batch), "--dtype", cfg.eval_dtype, "--out", str(to)]
+
+
+# ----------------------------------------------------------------------------- running a cell
+
+
+def settings(cfg: Config) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in NOT_SETTINGS}
+
+
+def final_model(cell: Cell) -> Path:
+    """The checkpoint a cell evaluates: its model directory, or the last round of its ptl.py run."""
+    if (cell.model / "config.json").exists():
+        return cell.model
+    rounds = finished_rounds(cell.model)
+    if not rounds:
+        raise FileNotFoundError(f"{cell.model} holds no model: its training did not finish")
+    return cell.model / f"round_{rounds[-1]}"
+
+
+def run_cell(cell: Cell, cfg: Config, threads: int) -> dict:
+    """Train the cell's model (each command resumes its own partial work), evaluate it, and write RESULTS/<name>.json;
+    a finished cell is returned as it is, after checking that it was made with these settings."""
+    path = Path(cfg.results) / f"{cell.name}.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old["settings"] != settings(cfg):
+            diff = {k: (v, settings(cfg).get(k)) for k, v in old["settings"].items() if settings(cfg).get(k) != v}
+            raise ValueError(f"{path} was made with other settings {diff} (old, new): repeat its flags, or use "
+                             "another --results and --out")
+        return old
+    logs, evals = Path(cfg.out, "logs"), Path(cfg.out, "evals")
+    logs.mkdir(parents=True, exist_ok=True)
+    evals.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TQDM_DISABLE": "1"}
+    t0 = time.time()
+    with open(logs / f"{cell.name}.log", "a") as log:
+        def call(cmd: list[str]) -> None:
+            log.write(f"\n$ {shlex.join(cmd)}\n")
+            log.flush()
+            if cfg.in_process:
+                return in_process(cmd)
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode:
+                raise RuntimeError(f"cell {cell.name} failed; its log: {logs / (cell.name + '.log')}")
+        for cmd in cell.train:
+            call(cmd)
+        t1, model = time.time(), final_model(cell)
+        if not (evals / f"{cell.name}.json").exists():
+            n = cfg.curve_eval_n if cell.name.startswith("dense-step") else cfg.eval_n
+            call(evaluate_command(cfg, model, evals / f"{cell.name}.json", n))
+    result = distil(cell, cfg, model, json.loads((evals / f"{cell.name}.json").read_text()), t1 - t0, time.time() - t1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, result)
+    for t in finished_rounds(cell.model)[:-1]:  # only the final model keeps its weights (disk)
+        (cell.model / f"round_{t}" / "model.safetensors").unlink(missing_ok=True)
+    return result
+
+
+def in_process(cmd: list[str]) -> None:
+    """Run `python SCRIPT ARGS` as SCRIPT's main(parse_config(Config, ARGS)) in this process."""
+    import ptl
+    import recover
+    from ptl_common import import_evaluate
+
+    module = {"ptl.py": ptl, "recover.py": recover, "evaluate.py": import_evaluate()}[Path(cmd[1]).name]
+    module.main(parse_config(module.Config, cmd[2:]))
+
+
+def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_s: float) -> dict:
+    """RESULTS/<cell>.json: what the cell is, its size and recovery, and each held-out problem's outcome, in the
+    order of evaluate.py's `offline` benchmark (problems are named by a hash of their text, to check alignment)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ptl_common import count_params
+
+    r = ev[str(model)]["offline"]
+    conf = AutoConfig.from_pretrained(model)
+    with torch.device("meta"):
+        params = count_params(AutoModelForCausalLM.from_config(conf))
+    recs = [load_record(cell.model / f"round_{t}") for t in finished_rounds(cell.model)]
+    parts = [v for rec in recs for v in rec.get("recovery", {}).values()]
+    step = int(cell.name.rsplit("step", 1)[1]) if "-step" in cell.name else None
+    if cell.name == "dense":
+        tokens = json.loads((model / "train_summary.json").read_text())["tokens"]
+    else:
+        tokens = sum(p["tokens"] for p in parts) if parts else (step or 0) * cfg.dense_batch * cfg.max_length
+    return {"cell": cell.name, "method": cell.method, "size": cell.size, "budget": cell.budget, "seed": cell.seed,
+            "step": step, "layers": conf.num_hidden_layers, "width": conf.intermediate_size, "params": params,
+            "rounds": len(recs), "train_tokens": tokens, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
+            "accuracy": r["accuracy"], "gold_logprob": r["gold_logprob"], "n": r["n"], "settings": settings(cfg),
+            "problems": [hashlib.sha1(s["question"].encode()).hexdigest()[:10] for s in r["samples"]],
+            "correct": [int(s["correct"] is True) for s in r["samples"]],
+            "gold_logprobs": [round(s["gold_logprob"], 5) for s in r["samples"]],
+            "pred": [s["pred"] for s in r["samples"]]}
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
+    """The dense model alone on every core; then the other cells, --jobs at a time, the longest first."""
+    cores, done = os.cpu_count() or 1, {}
+    started = time.time()
+
+    def one(cell: Cell, threads: int) -> None:
+        t0 = time.time()
+        done[cell.name] = run_cell(cell, cfg, threads)
+        r = done[cell.name]
+        print(f"[{len(done)}/{len(todo)}] {cell.name} | {r['layers']} layers x {r['width']} | accuracy "
+              f"{100 * r['accuracy']:.1f}% | gold log-prob {r['gold_logprob']:.4f} | {(time.time() - t0) / 60:.1f} min "
+              f"| {(time.time() - started) / 60:.1f} min in all", flush=True)
+
+    rest = [c for c in todo if c.name != "dense"]
+    if len(rest) < len(todo):
+        one(todo[0], cores)
+    rest += [c for c in snapshot_cells(cfg) if not cfg.cell or c.name == cfg.cell]
+    rest.sort(key=lambda c: (-c.budget * (2 if c.method == "ptl" else 1), c.method == "dense", c.name))
+    with ThreadPoolExecutor(1 if cfg.in_process else max(1, min(cfg.jobs, len(rest)))) as pool:
+        futures = [pool.submit(one, c, max(1, cores // cfg.jobs)) for c in rest]
+        for f in futures:
+            try:
+                f.result()
+            except BaseException:
+                pool.shutdown(cancel_futures=True)  # cells already running finish; their work is kept
+                raise
+    return done
+
+
+def main(cfg: Config) -> dict:
+    todo = model_cells(cfg)
+    if cfg.cell:
+        names = [c.name for c in todo] + ["dense-step0", "dense-stepN"]
+        if not any(c.name == cfg.cell for c in todo) and not cfg.cell.startswith("dense-step"):
+            raise ValueError(f"--cell {cfg.cell}: no such cell; the cells are {', '.join(names)}")
+        todo = [c for c in todo if c.name in ("dense", cfg.cell)]
+    if cfg.print:
+        for c in todo:
+            for cmd in c.train:
+                print(f"# {c.name}\n{shlex.join(cmd)}")
+        print(f"# then every model: {shlex.join(evaluate_command(cfg, Path('MODEL'), Path('OUT.json'), cfg.eval_n))}")
+        return {}
+    done = run_all(cfg, todo)
+    if cfg.cell:
+        return {"cells": done}
+    import gradual_stats
+
+    return {"cells": done, **gradual_stats.main(gradual_stats.Config(results=cfg.results))}
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

@@ -1,0 +1,235 @@
+"""Every number of the README section "Does gradual beat one cut?", recomputed from the committed per-problem
+results that scripts/gradual.py writes (RESULTS/<cell>.json: each held-out problem's correctness and gold
+log-probability, for every model).
+
+    python scripts/gradual_stats.py                     # results/gradual: prints the tables, writes table.md and
+                                                        # the curves (dense_curve.png, budget_curve.png) beside them
+
+Statistics, chosen with the design and before the comparison was run:
+1. Per method, size and budget: accuracy and mean gold log-probability, mean +- s.d. over seeds; retention =
+   accuracy / the dense model's accuracy on the same problems.
+2. PTL - Prune-Once, paired: d[s, i] = x_PTL[s, i] - x_once[s, i] for problem i under seed s (PTL and Prune-Once of
+   one seed share calibration sample and recovery texts). Mean over seeds and problems, with a 95% percentile
+   interval from a two-way bootstrap: seeds and problems resampled independently (--reps times, numpy seed 0),
+   because every seed answers the same problems (crossed, not nested). Per-seed differences are listed beside it.
+3. McNemar's exact two-sided test on the discordant pairs pooled over seeds: b = PTL right and Prune-Once wrong,
+   c = the reverse; p = P(|Binomial(b + c, 1/2) - (b + c)/2| >= |b - (b + c)/2|).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from ptl_common import human, parse_config  # noqa: E402
+
+LABEL = {"ptl": "PTL", "once": "Prune-Once"}
+
+
+@dataclass
+class Config:
+    """The tables and curves of the gradual-vs-once experiment, from its per-problem results."""
+    results: str = field(default="results/gradual", metadata={"help": "the directory gradual.py wrote"})
+    reps: int = field(default=10000, metadata={"help": "bootstrap resamples"})
+
+
+# ----------------------------------------------------------------------------- statistics (pure)
+
+
+def crossed_bootstrap(d: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(d) for d (S seeds, n problems) with seeds and problems resampled
+    independently: replicate b is mean(d[s*, :][:, i*]), s* ~ S of S seeds and i* ~ n of n problems, with
+    replacement."""
+    rng = np.random.default_rng(seed)
+    S, n = d.shape
+    means = np.empty(reps)
+    for b in range(reps):
+        means[b] = d[rng.integers(0, S, S)][:, rng.integers(0, n, n)].mean()
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for b and c discordant pairs: under H0 each is PTL's way with probability
+    1/2, so p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c)))."""
+    m = b + c
+    if m == 0:
+        return 1.0
+    tail = sum(math.comb(m, k) for k in range(min(b, c) + 1)) / 2**m
+    return min(1.0, 2 * tail)
+
+
+# ----------------------------------------------------------------------------- the results
+
+
+def load(results: Path) -> dict[str, dict]:
+    """{cell: its result}; every model must have answered the same problems in the same order."""
+    cells = {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))}
+    if "dense" not in cells:
+        raise FileNotFoundError(f"{results} holds no dense.json: run scripts/gradual.py first")
+    problems = cells["dense"]["problems"]
+    for name, c in cells.items():
+        if c["problems"] != problems[: len(c["problems"])]:
+            raise ValueError(f"{name} answered other problems than the dense model: results are not paired")
+    return cells
+
+
+def group(cells: dict, method: str, size: float, budget: int) -> dict[int, dict]:
+    """{seed: result} of one method at one size and budget."""
+    return {c["seed"]: c for c in cells.values() if (c["method"], c["size"], c["budget"]) == (method, size, budget)}
+
+
+def compare(cells: dict, size: float, budget: int, reps: int) -> dict | None:
+    """PTL - Prune-Once at one size and budget, paired on the seeds both have (None if they share none):
+    differences of accuracy (points) and of gold log-prob, per problem and seed."""
+    p, o = group(cells, "ptl", size, budget), group(cells, "once", size, budget)
+    seeds = sorted(set(p) & set(o))
+    if not seeds:
+        return None
+    acc_p, acc_o = (np.array([g[s]["correct"] for s in seeds], dtype=float) for g in (p, o))  # (S, n)
+    lp_p, lp_o = (np.array([g[s]["gold_logprobs"] for s in seeds]) for g in (p, o))
+    d, dl = 100 * (acc_p - acc_o), lp_p - lp_o
+    b, c = int(((acc_p == 1) & (acc_o == 0)).sum()), int(((acc_p == 0) & (acc_o == 1)).sum())
+    return {"size": size, "budget": budget, "seeds": seeds, "n": d.shape[1], "acc_diff": float(d.mean()),
+            "acc_ci": crossed_bootstrap(d, reps), "acc_per_seed": d.mean(1).tolist(), "b": b, "c": c,
+            "discordant": (b + c) / d.size, "mcnemar_p": mcnemar_exact(b, c), "lp_diff": float(dl.mean()),
+            "lp_ci": crossed_bootstrap(dl, reps), "lp_per_seed": dl.mean(1).tolist()}
+
+
+def summary(cells: dict, method: str, size: float, budget: int) -> dict:
+    """Mean and s.d. over seeds of one method's accuracy, gold log-prob and retention; its size and recovery."""
+    runs = list(group(cells, method, size, budget).values())
+    acc = np.array([100 * np.mean(c["correct"]) for c in runs])
+    lp = np.array([np.mean(c["gold_logprobs"]) for c in runs])
+    dense = 100 * np.mean(cells["dense"]["correct"])
+    def sd(x: np.ndarray) -> float | None:
+        return float(x.std(ddof=1)) if len(x) > 1 else None
+    return {"method": method, "size": size, "budget": budget, "seeds": len(runs), "params": runs[0]["params"],
+            "layers": runs[0]["layers"], "width": runs[0]["width"], "rounds": runs[0]["rounds"],
+            "acc": float(acc.mean()), "acc_sd": sd(acc), "retention": float(acc.mean() / dense) if dense else None,
+            "lp": float(lp.mean()), "lp_sd": sd(lp), "tokens": float(np.mean([c["train_tokens"] for c in runs])),
+            "train_min": float(np.mean([c["train_s"] for c in runs])) / 60}
+
+
+# ----------------------------------------------------------------------------- tables and curves
+
+
+def fmt(x: float | None, spec: str) -> str:
+    return "—" if x is None else format(x, spec)
+
+
+def budget_label(budget: int) -> str:
+    return f"{budget} texts" if budget else "no recovery"
+
+
+def mean_sd(mean: float, sd: float | None, spec: str) -> str:
+    return f"{mean:{spec}} ± {sd:{spec}}" if sd is not None else f"{mean:{spec}}"
+
+
+def model_table(cells: dict, sizes: list[float], budgets: dict) -> str:
+    d = cells["dense"]
+    head = ["removed (non-emb.)", "model", "recovery", "seeds", "layers x width", "params", "rounds",
+            "accuracy (%)", "retention", "gold log-prob", "recovery tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             f"| 0% | dense | — | — | {d['layers']} x {d['width']} | {human(d['params']['total'])} | — | "
+             f"{100 * np.mean(d['correct']):.1f} | 1.00 | {np.mean(d['gold_logprobs']):.4f} | — |"]
+    for size in sizes:
+        for budget in budgets[size]:
+            for method in ("once", "ptl"):
+                if not group(cells, method, size, budget):
+                    continue
+                s = summary(cells, method, size, budget)
+                lines.append(f"| {100 * size:.0f}% | {LABEL[method]} | {budget_label(budget)} | {s['seeds']} | "
+                             f"{s['layers']} x {s['width']} | {human(s['params']['total'])} | {s['rounds']} | "
+                             f"{mean_sd(s['acc'], s['acc_sd'], '.1f')} | {fmt(s['retention'], '.2f')} | "
+                             f"{mean_sd(s['lp'], s['lp_sd'], '.4f')} | {human(s['tokens']) if s['tokens'] else '—'} |")
+    return "\n".join(lines) + "\n"
+
+
+def diff_table(comps: list[dict]) -> str:
+    head = ["removed (non-emb.)", "recovery", "seeds", "PTL − Prune-Once, accuracy (points) [95% CI]", "per seed",
+            "McNemar b / c, p", "gold log-prob difference [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in comps:
+        lo, hi = c["acc_ci"]
+        llo, lhi = c["lp_ci"]
+        per_seed = ", ".join(f"{x:+.1f}" for x in c["acc_per_seed"])
+        lines.append(f"| {100 * c['size']:.0f}% | {budget_label(c['budget'])} | {len(c['seeds'])} | "
+                     f"{c['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per_seed} | {c['b']} / {c['c']}, "
+                     f"p = {c['mcnemar_p']:.2g} | {c['lp_diff']:+.4f} [{llo:+.4f}, {lhi:+.4f}] |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(cells: dict, size: float, budgets: list[int], out: Path) -> None:
+    """dense_curve.png (the skill as the dense model learns it) and budget_curve.png (retention against recovery
+    tokens at one size, PTL and Prune-Once, mean and the seeds' range)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])
+    snaps.append(cells["dense"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    tok = [c["train_tokens"] / 1e3 for c in snaps]
+    ax.plot(tok, [100 * np.mean(c["correct"]) for c in snaps], "o-", label="accuracy (%)")
+    ax.set(xlabel="training tokens (K)", ylabel="held-out accuracy (%)", title="the dense model's skill")
+    lp = ax.twinx()
+    lp.plot(tok, [np.mean(c["gold_logprobs"]) for c in snaps], "s--", color="grey", label="gold log-prob")
+    lp.set_ylabel("gold log-prob (mean per token)")
+    fig.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "dense_curve.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    dense_acc, dense_lp = 100 * np.mean(cells["dense"]["correct"]) or np.nan, np.mean(cells["dense"]["gold_logprobs"])
+    for method, colour in (("ptl", "C0"), ("once", "C1")):
+        runs = [list(group(cells, method, size, b).values()) for b in budgets]
+        runs = [r for r in runs if r]
+        x = [np.mean([c["train_tokens"] for c in r]) / 1e3 for r in runs]
+        for ax, value in ((axes[0], lambda c: 100 * np.mean(c["correct"]) / dense_acc),
+                          (axes[1], lambda c: np.mean(c["gold_logprobs"]) - dense_lp)):
+            ys = [[value(c) for c in r] for r in runs]
+            mean = [np.mean(y) for y in ys]
+            err = [[m - min(y) for m, y in zip(mean, ys)], [max(y) - m for m, y in zip(mean, ys)]]
+            ax.errorbar(x, mean, yerr=err, marker="o", capsize=3, color=colour, label=LABEL[method])
+    axes[0].set(xlabel="recovery tokens (K)", ylabel="retention (accuracy / dense)")
+    axes[1].set(xlabel="recovery tokens (K)", ylabel="gold log-prob − dense")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{100 * size:.0f}% of non-embedding parameters removed; mean and range over seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "budget_curve.png", dpi=120)
+    plt.close(fig)
+
+
+def main(cfg: Config) -> dict:
+    results = Path(cfg.results)
+    cells = load(results)
+    compressed = [c for c in cells.values() if c["method"] in LABEL]
+    sizes = sorted({c["size"] for c in compressed})
+    budgets = {s: sorted({c["budget"] for c in compressed if c["size"] == s}) for s in sizes}
+    comps = [c for s in sizes for b in reversed(budgets[s]) if (c := compare(cells, s, b, cfg.reps))]
+    curve = max(sizes, key=lambda s: len(budgets[s]))
+    d = cells["dense"]
+    snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])
+    md = (f"Dense: {human(d['train_tokens'])} training tokens; every model answers the same {d['n']} held-out "
+          "problems.\n\n" + model_table(cells, sizes, budgets) + "\n" + diff_table(comps))
+    md += ("\nDense curve (steps, training tokens: held-out accuracy % on the first "
+           f"{snaps[0]['n'] if snaps else 0} problems, gold log-prob): "
+           + "; ".join(f"{c['step']}, {human(c['train_tokens']) if c['train_tokens'] else 0}: "
+                       f"{100 * np.mean(c['correct']):.1f}, {np.mean(c['gold_logprobs']):.4f}" for c in snaps) + "\n")
+    (results / "table.md").write_text(md)
+    plot_curves(cells, curve, budgets[curve], results)
+    print(md)
+    return {"markdown": md, "comparisons": comps}
+
+
+if __name__ == "__main__":
+    main(parse_config(Config))

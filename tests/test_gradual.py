@@ -1,0 +1,87 @@
+"""The gradual-vs-once experiment (scripts/gradual.py, gradual_stats.py): the driver end to end on a tiny model,
+and the statistics against hand-computed goldens."""
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import gradual  # noqa: E402
+import gradual_stats  # noqa: E402
+
+
+def tiny(tmp_path, model, **kw) -> gradual.Config:
+    return gradual.Config(**{**dict(
+        out=str(tmp_path / "out"), results=str(tmp_path / "results"), model=model, dense_samples=24,
+        dense_batch=2, snapshot_every=12, sizes="0.45", curve_size=0.45, layer_target=1, neuron_step=0.25, budget=12,
+        curve_budgets="6", seeds="1,2", curve_seeds="2", recovery_batch=2, micro_batch=2, max_length=48,
+        calib_samples=4, eval_n=5, curve_eval_n=3, max_new_tokens=3, eval_batch=5, in_process=True), **kw})
+
+
+def test_the_experiment_runs_end_to_end_on_a_tiny_model_and_its_results_recompute_the_table(tmp_path, tiny_dirs):
+    cfg = tiny(tmp_path, tiny_dirs["llama"])
+    res = gradual.main(cfg)
+    cells = res["cells"]
+    steps = json.loads((Path(cfg.out) / "dense" / "train_summary.json").read_text())["steps"]
+    snapshots = {f"dense-step{k}" for k in range(0, steps, 12)}
+    assert set(cells) == {"dense", *snapshots, "ptl-45-b12-s1", "ptl-45-b12-s2", "once-45-b12-s1", "once-45-b12-s2",
+                          "once-45-b0-s1", "once-45-b0-s2", "ptl-45-b0-s2", "ptl-45-b6-s2", "once-45-b6-s2"}
+    for name, p in cells.items():
+        if p["method"] == "ptl":
+            o = cells[name.replace("ptl", "once")]
+            assert p["params"] == o["params"] and p["rounds"] > 1 and o["rounds"] == 1, "one architecture"
+            assert p["problems"] == o["problems"] == cells["dense"]["problems"] and p["n"] == 5, "paired"
+            assert p["train_tokens"] == o["train_tokens"] and (p["train_tokens"] > 0) == (p["budget"] > 0), \
+                "the same recovery tokens"
+    assert cells["dense-step12"]["n"] == 3 and cells["dense-step12"]["problems"] == cells["dense"]["problems"][:3]
+    ptl_run, once = Path(cfg.out) / "ptl-45-b12-s1", Path(cfg.out) / "once-45-b12-s1"
+    rounds = cells["ptl-45-b12-s1"]["rounds"]
+    recs = [json.loads((ptl_run / f"round_{t}" / "ptl_record.json").read_text()) for t in range(1, rounds + 1)]
+    rows = [r["recovery"]["cpt"]["rows"] for r in recs]
+    assert rows == [[12 // rounds * t, 12 // rounds * (t + 1)] for t in range(rounds)], "budget / rounds each"
+    assert json.loads((once / "round_1" / "ptl_record.json").read_text())["recovery"]["cpt"]["rows"] == [0, 12]
+    assert (ptl_run / f"round_{rounds}" / "model.safetensors").exists(), "the final model is kept"
+    assert not (ptl_run / "round_1" / "model.safetensors").exists(), "earlier rounds keep their records only"
+    again = gradual_stats.main(gradual_stats.Config(results=cfg.results))
+    assert again["markdown"] == res["markdown"], "the committed results alone recompute every number"
+    assert (Path(cfg.results) / "budget_curve.png").stat().st_size > 1000
+    diffs = [line for line in res["markdown"].splitlines() if line.startswith("| 45% | ") and "McNemar" not in line]
+    assert [line.split(" | ")[1:3] for line in diffs[-3:]] == [["12 texts", "2"], ["6 texts", "1"],
+                                                                ["no recovery", "1"]]
+
+
+def test_a_finished_cell_is_skipped_and_one_made_with_other_settings_is_refused(tmp_path, tiny_dirs):
+    cfg = tiny(tmp_path, tiny_dirs["llama"], curve_budgets="", seeds="1")
+    first = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
+    assert set(first) == {"dense", "ptl-45-b12-s1"}, "one cell on its own, after the dense model it starts from"
+    again = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
+    assert again["ptl-45-b12-s1"] == first["ptl-45-b12-s1"]
+    with pytest.raises(ValueError, match="other settings.*recovery_lr"):
+        gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1", "recovery_lr": 3e-4}))
+    with pytest.raises(ValueError, match="no such cell"):
+        gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b13-s1"}))
+    with pytest.raises(ValueError, match="multiples of"):
+        gradual.main(gradual.Config(**{**vars(cfg), "budget": 13}))
+
+
+@pytest.mark.parametrize("b, c, p", [(0, 0, 1.0), (5, 5, 1.0), (0, 5, 2 / 32), (1, 9, 22 / 1024), (9, 1, 22 / 1024)])
+def test_mcnemar_exact_p_values_are_the_two_sided_binomial_tail(b, c, p):
+    assert gradual_stats.mcnemar_exact(b, c) == pytest.approx(p)
+
+
+def test_the_crossed_bootstrap_sees_both_seed_and_problem_noise():
+    constant = np.full((3, 50), 2.0)
+    assert gradual_stats.crossed_bootstrap(constant, 200) == (2.0, 2.0), "no spread, no interval"
+    seeds_only = np.repeat([[0.0], [1.0], [2.0]], 50, axis=1)  # seeds disagree, problems do not
+    lo, hi = gradual_stats.crossed_bootstrap(seeds_only, 2000)
+    assert lo < 0.6 and hi > 1.4
+    rng = np.random.default_rng(1)
+    problems_only = np.tile(rng.choice([-1.0, 0.0, 1.0], 400), (3, 1))  # one per-problem pattern for every seed
+    lo, hi = gradual_stats.crossed_bootstrap(problems_only, 2000)
+    half = 1.96 * problems_only[0].std() / math.sqrt(400)  # the paired normal interval on 400 problems
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
