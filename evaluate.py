@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import inspect
 import json
 import math
 import os
@@ -50,17 +51,17 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
 import torch
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
-                        human, is_main, load_model, load_record, parse_config, print0, read_jsonl, setup_dist,
-                        unshadow_evaluate)
-from grpo import last_boxed, question_answer
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, chat_prompt,
+                        check_ranges, cleanup_dist, count_params, finished_rounds, flag, human, is_main, last_boxed,
+                        load_model, load_record, math_equal, parse_config, print0, question_answer, read_jsonl,
+                        run_cli, setup_dist, spread, unshadow_evaluate)
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -118,27 +119,6 @@ def extract_answer(text: str, style: str) -> str | None:
     raise ValueError(f"unknown answer style {style!r}: use 'gsm8k' or 'boxed'")
 
 
-def is_correct(pred: str | None, gold: str, timeout: float = 5.0) -> bool | None:
-    """pred == gold as mathematics (math-verify: 0.5 == \\frac12, 1,000 == 1000); None when math-verify times
-    out, which the caller counts as wrong and reports. No answer (None) is wrong."""
-    from math_verify import parse, verify
-    from math_verify.errors import TimeoutException
-
-    if pred is None:
-        return False
-    if pred.strip() == gold.strip():
-        return True
-    t = max(1, int(timeout))  # whole seconds: a float makes math-verify's alarm return nothing
-    try:
-        return bool(verify(parse(f"${gold}$", parsing_timeout=t, raise_on_error=True),
-                           parse(f"${pred}$", parsing_timeout=t, raise_on_error=True), timeout_seconds=t,
-                           raise_on_error=True))
-    except TimeoutException:
-        return None
-    except Exception:  # noqa: BLE001  unparsable prediction: not the gold answer
-        return False
-
-
 _PUNCTUATION = set(string.punctuation)
 
 
@@ -155,7 +135,8 @@ def squad_scores(pred: str, golds: list[str]) -> tuple[float, float]:
 
     def f1(g: str) -> float:
         same = sum((Counter(p.split()) & Counter(g.split())).values())
-        return 0.0 if same == 0 else 2 * same / (len(p.split()) + len(g.split()))  # 2PR/(P+R), P = same/|p|, R = same/|g|
+        # 2PR / (P + R) with P = same / |p|, R = same / |g|
+        return 0.0 if same == 0 else 2 * same / (len(p.split()) + len(g.split()))
     golds = [squad_normalize(g) for g in golds]
     return max(float(p == g) for g in golds), max(f1(g) for g in golds)
 
@@ -206,7 +187,8 @@ def benchmark_file(name: str, data_dir: str) -> Path:
     """The local file of benchmark `name` under --data-dir (the layout of ../shared/data); it must exist."""
     path = (Path(data_dir).expanduser() / BENCHMARKS[name].file).resolve()
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name].file} (the layout of ../shared/data)")
+        raise FileNotFoundError(f"{path} not found: --data-dir must hold {BENCHMARKS[name].file} (the layout of "
+                                "../shared/data)")
     return path
 
 
@@ -239,7 +221,7 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Row]:
 def benchmark_row(name: str, rec: dict, where: str) -> Row:
     """One record as a Row: MBPP's prompt as lm-eval renders it, its asserts and its reference code; SQuAD's
     passage and question, the list of its gold answers, the first of them as reference; the math benchmarks'
-    question and answer (grpo.question_answer), the record's worked solution as reference (GSM8K's `answer`,
+    question and answer (ptl_common.question_answer), the record's worked solution as reference (GSM8K's `answer`,
     MATH's `solution`)."""
     try:
         if name == "mbpp":
@@ -250,7 +232,8 @@ def benchmark_row(name: str, rec: dict, where: str) -> Row:
                        "Answer:", list(golds), golds[0] if golds else None)  # lm-eval squadv2's doc_to_text
     except (KeyError, TypeError) as e:
         need = "text, test_list" if name == "mbpp" else "title, context, question, answers"
-        raise ValueError(f"{where}: a {name} record needs the fields {need} (the hub dataset's); it has {sorted(rec)}") from e
+        raise ValueError(f"{where}: a {name} record needs the fields {need} (the hub dataset's); it has "
+                         f"{sorted(rec)}") from e
     solution = next((rec[k] for k in ("solution", "answer") if isinstance(rec.get(k), str)), None)
     return Row(*question_answer(rec, where), solution)
 
@@ -294,17 +277,15 @@ def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str], str]:
         return shots, "Q: {q}\nA:", cfg["generation_kwargs"]["until"], " "
     from lm_eval.tasks.minerva_math.utils import list_fewshot_samples
 
-    return [(s["problem"], s["solution"]) for s in list_fewshot_samples()], "Problem:\n{q}\n\nSolution:", ["Problem:"], " "
+    shots = [(s["problem"], s["solution"]) for s in list_fewshot_samples()]
+    return shots, "Problem:\n{q}\n\nSolution:", ["Problem:"], " "
 
 
 def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[list[str], list[str]]:
     """(prompt texts, stop strings) exactly as lm-eval renders them: examples joined by "\\n\\n", each query then
     the target delimiter and its solution; --prompt chat: one user turn through the chat template."""
     if style == "chat":
-        if not tok.chat_template:
-            raise ValueError("--prompt chat needs a tokenizer with a chat template; use --prompt fewshot")
-        return [tok.apply_chat_template([{"role": "user", "content": q + CHAT_SUFFIX}], tokenize=False,
-                                        add_generation_prompt=True) for q in questions], []
+        return [chat_prompt(tok, q + CHAT_SUFFIX) for q in questions], []
     shots, query, stop, delim = fewshot(name)
     head = "".join(query.format(q=q) + delim + a + "\n\n" for q, a in shots)
     return [head + query.format(q=q) for q in questions], stop
@@ -313,8 +294,20 @@ def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[lis
 # ----------------------------------------------------------------------------- generation
 
 
+def cache_kwarg(model, cache) -> dict:
+    """The KV cache as a forward argument, by its name in the installed transformers: `cache` in recent 5.x (where
+    `past_key_values` warns, and goes in 5.40), `past_key_values` before."""
+    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+
+
+def returned_cache(res):
+    """The KV cache a forward returned (`cache`, or `past_key_values` in older transformers)."""
+    return res["cache"] if "cache" in res.keys() else res.past_key_values
+
+
 @torch.no_grad()
-def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, stop: list[str]) -> list[list[int]]:
+def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int,
+           stop: list[str]) -> list[list[int]]:
     """Greedy decoding of a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the
     first cache.get_seq_length() positions. A row leaves the batch (and its KV cache) the moment it ends: EOS,
     a stop string in its decoded tail (lm-eval's rule), or max_new_tokens; HF generate would go on computing
@@ -327,9 +320,9 @@ def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_to
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
     ids, pos_in = x[:, past:], pos[:, past:]
     for _ in range(max_new_tokens):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, past_key_values=cache, use_cache=True,
-                    logits_to_keep=1)
-        cache, nxt = res.past_key_values, res.logits[:, -1].argmax(-1)
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
+                    **cache_kwarg(model, cache))
+        cache, nxt = returned_cache(res), res.logits[:, -1].argmax(-1)
         keep = []
         for j, r in enumerate(rows):
             out[r].append(int(nxt[j]))
@@ -374,7 +367,7 @@ def prefix_cache(model, ids: list[int]):
     """The KV cache of a shared prefix `ids` for one row (None for an empty prefix)."""
     if not ids:
         return None
-    return model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True).past_key_values
+    return returned_cache(model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True))
 
 
 def repeat_cache(cache, rows: int):
@@ -417,8 +410,9 @@ def gold_logprobs(model, tok, prompts: list[str], continuations: list[str], *, b
         lo = int((y != -100).int().argmax(1).min())  # the earliest predicting position in the batch
         real = torch.arange(S) < torch.tensor([len(whole[i]) - c for i in batch])[:, None]  # (B, S)
         mask = torch.cat([torch.ones(len(batch), c, dtype=torch.long), real.long()], 1)  # (B, c + S)
-        logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), past_key_values=repeat_cache(shared, len(batch)),
-                       use_cache=True, logits_to_keep=torch.arange(lo, S, device=dev)).logits  # (B, S - lo, V)
+        logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=True,
+                       **cache_kwarg(model, repeat_cache(shared, len(batch))),
+                       logits_to_keep=torch.arange(lo, S, device=dev)).logits  # (B, S - lo, V)
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten().to(dev),
                                                 ignore_index=-100, reduction="none").view(len(batch), -1)
         n = (y[:, lo:] != -100).sum(1)
@@ -476,7 +470,7 @@ def grade(style: str, texts: list[str], golds: list, cfg: "Config") -> tuple[lis
         em_f1 = [squad_scores(p, g) for p, g in zip(preds, golds)]
         return preds, [em == 1.0 for em, _ in em_f1], [f for _, f in em_f1]
     preds = [extract_answer(t, style) for t in texts]
-    return preds, [is_correct(p, g, cfg.verify_timeout) for p, g in zip(preds, golds)], [0.0] * len(texts)
+    return preds, [math_equal(p, g, cfg.verify_timeout) for p, g in zip(preds, golds)], [0.0] * len(texts)
 
 
 def evaluate_builtin(model, tok, cfg: "Config") -> dict:
@@ -488,8 +482,7 @@ def evaluate_builtin(model, tok, cfg: "Config") -> dict:
     for name in cfg.task_list():
         mine = load_benchmark(name, cfg.data_dir, cfg.limit)[d.rank :: d.world]
         samples = [{"question": r.question, "gold": r.gold} for r in mine]  # filled in by each metric
-        res = {"n": int(all_reduce_(torch.tensor(float(len(mine)), device=d.device)).item()), "engine": "builtin",
-               "prompt": cfg.prompt}
+        res = {"n": int(all_reduce_dict({"n": len(mine)}, d.device)["n"]), "engine": "builtin", "prompt": cfg.prompt}
         if "accuracy" in cfg.metric_list():
             res.update(accuracy_metrics(model, tok, name, mine, samples, cfg, d))
         if "gold_logprob" in cfg.metric_list():
@@ -510,14 +503,15 @@ def accuracy_metrics(model, tok, name: str, rows: list[Row], samples: list[dict]
     preds, marks, f1 = grade(style, texts, [r.gold for r in rows], cfg)
     for smp, t, p, m in zip(samples, texts, preds, marks):
         smp.update(output=t, pred=p, correct=m)
-    flops = sum(forward_flops(model.config, P + G) for P, G in lengths)
-    n = torch.tensor([len(rows), sum(m is True for m in marks), sum(m is None for m in marks),
-                      sum(p is None for p in preds), sum(G for _, G in lengths), flops, gen_s, sum(f1)],
-                     dtype=torch.float64)
-    n = all_reduce_(n.to(d.device)).tolist()
-    return {"accuracy": n[1] / n[0], "correct": int(n[1]), "timeouts": int(n[2]), "no_answer": int(n[3]),
-            "gen_tokens": n[4] / n[0], "flops_per_question": n[5] / n[0], "gen_tokens_per_s": n[4] / (n[6] / d.world),
-            **({"f1": n[7] / n[0]} if style == "squad" else {})}
+    n = all_reduce_dict({  # sums over ranks
+        "questions": len(rows), "correct": sum(m is True for m in marks), "undecided": sum(m is None for m in marks),
+        "no_answer": sum(p is None for p in preds), "tokens": sum(G for _, G in lengths), "gen_s": gen_s,
+        "flops": sum(forward_flops(model.config, P + G) for P, G in lengths), "f1": sum(f1)}, d.device)
+    q = n["questions"]
+    return {"accuracy": n["correct"] / q, "correct": int(n["correct"]), "timeouts": int(n["undecided"]),
+            "no_answer": int(n["no_answer"]), "gen_tokens": n["tokens"] / q, "flops_per_question": n["flops"] / q,
+            "gen_tokens_per_s": n["tokens"] / (n["gen_s"] / d.world),
+            **({"f1": n["f1"] / q} if style == "squad" else {})}
 
 
 def logprob_metrics(model, tok, name: str, rows: list[Row], samples: list[dict], cfg: "Config", d) -> dict:
@@ -532,8 +526,8 @@ def logprob_metrics(model, tok, name: str, rows: list[Row], samples: list[dict],
                            add_bos=cfg.add_bos and cfg.prompt != "chat")
     for i, v in zip(have, lp):
         samples[i]["gold_logprob"] = v
-    n = all_reduce_(torch.tensor([len(have), sum(lp)], dtype=torch.float64, device=d.device)).tolist()
-    return {"gold_logprob": n[1] / n[0] if n[0] else None, "gold_logprob_n": int(n[0])}
+    n = all_reduce_dict({"scored": len(have), "logprob": sum(lp)}, d.device)
+    return {"gold_logprob": n["logprob"] / n["scored"] if n["scored"] else None, "gold_logprob_n": int(n["scored"])}
 
 
 def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str]:
@@ -542,7 +536,8 @@ def lm_eval_task_yamls(names: list[str], data_dir: str, where: Path) -> list[str
     import yaml
 
     base = lm_eval_tasks_dir()
-    parent = {"gsm8k": base / "gsm8k" / "gsm8k-cot.yaml", "minerva_math": base / "minerva_math" / "minerva_math_algebra.yaml",
+    parent = {"gsm8k": base / "gsm8k" / "gsm8k-cot.yaml",
+              "minerva_math": base / "minerva_math" / "minerva_math_algebra.yaml",
               "math500": base / "minerva_math" / "minerva_math500.yaml"}
     tasks = []
     for name in names:
@@ -614,25 +609,21 @@ def evaluate_model(model, tok, cfg: "Config") -> dict:
 def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int, warmup: int, repeats: int) -> dict:
     """Prefill latency and decode tokens/s of each model on the same batch, dtype and device; greedy, length
     pinned (min_new_tokens = max_new_tokens, so EOS cannot shorten a run); models alternated within every
-    repeat; medians. -> {name: {"prefill_s", "decode_tokens_per_s"}}"""
+    repeat (ptl_common.alternate); medians, and the spread of the repeats.
+    -> {name: {"prefill_s", "decode_tokens_per_s", "prefill_spread", "total_spread"}}"""
     enc = tok([prompt] * batch, return_tensors="pt")
-    times = {k: {"prefill": [], "total": []} for k in models}
-    for r in range(warmup + repeats):
-        for name, m in models.items():
-            x = {k: v.to(next(m.parameters()).device) for k, v in enc.items()}
-            t0 = time.perf_counter()
-            m(**x, use_cache=True, logits_to_keep=1)
-            t1 = time.perf_counter()
-            m.generate(**x, do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens,
-                       pad_token_id=tok.pad_token_id, temperature=None, top_p=None, top_k=None)
-            t2 = time.perf_counter()
-            if r >= warmup:
-                times[name]["prefill"].append(t1 - t0)
-                times[name]["total"].append(t2 - t1)
+    x = {n: {k: v.to(next(m.parameters()).device) for k, v in enc.items()} for n, m in models.items()}
+    prefill = alternate({n: (lambda n=n, m=m: m(**x[n], use_cache=True, logits_to_keep=1)) for n, m in models.items()},
+                        repeats=repeats, warmup=warmup)
+    total = alternate({n: (lambda n=n, m=m: m.generate(**x[n], do_sample=False, min_new_tokens=new_tokens,
+                                                       max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
+                                                       temperature=None, top_p=None, top_k=None))
+                       for n, m in models.items()}, repeats=repeats, warmup=warmup)
     res = {}
-    for name, t in times.items():
-        pre, tot = statistics.median(t["prefill"]), statistics.median(t["total"])
-        res[name] = {"prefill_s": pre, "decode_tokens_per_s": batch * (new_tokens - 1) / max(tot - pre, 1e-9)}
+    for n in models:
+        pre, tot = statistics.median(prefill[n]), statistics.median(total[n])
+        res[n] = {"prefill_s": pre, "decode_tokens_per_s": batch * (new_tokens - 1) / max(tot - pre, 1e-9),
+                  "prefill_spread": spread(prefill[n]), "total_spread": spread(total[n])}
     return res
 
 
@@ -641,9 +632,10 @@ def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int
 
 def report(run: str | Path) -> dict:
     """Table 1's columns for the dense model and every round of the PTL run in `run`: parameters, compression
-    ratio R = 1 - |M'|/|M|, accuracy per benchmark and its retention Perf(M')/Perf(M) (from `ptl.py --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per
-    question, the FLOP ratio at 128 tokens (the authors' calflops setting), recovery time (cumulative). Writes
-    report.json, report.md and rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
+    ratio R = 1 - |M'|/|M|, accuracy per benchmark and its retention Perf(M')/Perf(M) (from `ptl.py
+    --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per question, the FLOP ratio at 128
+    tokens (the authors' calflops setting), recovery time (cumulative). Writes report.json, report.md and
+    rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
     from transformers import AutoConfig
 
     run = Path(run)
@@ -652,7 +644,8 @@ def report(run: str | Path) -> dict:
         raise FileNotFoundError(f"{run} holds no finished PTL round (round_<t>/ptl_record.json): run ptl.py first")
     recs = [load_record(run / f"round_{t}") for t in rounds]
     dense_cfg = AutoConfig.from_pretrained(run / f"round_{rounds[0]}")
-    dense_cfg.num_hidden_layers, dense_cfg.intermediate_size = recs[0]["dense"]["num_hidden_layers"], recs[0]["dense"]["intermediate_size"]
+    dense_cfg.num_hidden_layers = recs[0]["dense"]["num_hidden_layers"]
+    dense_cfg.intermediate_size = recs[0]["dense"]["intermediate_size"]
     dense_eval = json.loads((run / "dense_eval.json").read_text()) if (run / "dense_eval.json").exists() else {}
     f0 = forward_flops(dense_cfg, 128)
     rows, recovery = [], 0.0
@@ -682,7 +675,8 @@ def report(run: str | Path) -> dict:
                  f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flop_ratio_128']:.2f}x",
                  f"{r['recovery_s'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
-    md = (f"# PTL run `{run}`\n\nAccuracy in % ({', '.join(tasks) or 'no evaluation recorded: ptl.py --eval-every-round'});"
+    measured = ", ".join(tasks) or "no evaluation recorded: ptl.py --eval-every-round"
+    md = (f"# PTL run `{run}`\n\nAccuracy in % ({measured});"
           " R = 1 - params / dense params (compression ratio); retention = accuracy / dense accuracy, averaged over"
           " the benchmarks; FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n"
           + "\n".join(lines) + "\n")
@@ -704,7 +698,7 @@ def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
         pts = [(i, 100 * r["accuracy"][t]) for i, r in zip(x, rows) if t in r["accuracy"]]
         ax.plot(*zip(*pts), marker="o", label=t)
     ax.set(xlabel="round (0 = dense)", ylabel="accuracy (%)", xticks=x)
-    size = ax.twinx()
+    size = ax.twinx() if tasks else ax  # no evaluation recorded: the size curve alone
     size.plot(x, [r["params"] / 1e6 for r in rows], "k--", marker="s", label="params")
     size.set_ylabel("parameters (M)")
     fig.legend(loc="lower left", fontsize=8)
@@ -719,31 +713,43 @@ def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
 @dataclass
 class Config:
     """Accuracy (GSM8K, Minerva Math, MATH-500, MBPP, SQuAD, offline), FLOPs, speedup, and the report of a PTL run."""
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir or a hub name"})
-    compare: str = field(default="", metadata={"help": "further models, comma-separated (e.g. pruned ones): all evaluated; FLOP ratio and speedup over --model, timed alternately"})
-    report: str = field(default="", metadata={"help": "a PTL run directory: write report.md, report.json and rounds.png there"})
-    tasks: str = field(default="gsm8k", metadata={"help": "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated arithmetic), mbpp, squad"})
-    metrics: str = field(default="accuracy", metadata={
-        "help": "comma-separated: accuracy (greedy generation, graded), gold_logprob (teacher-forced mean log-probability "
-                "of each question's reference solution; no generation)"})
-    data_dir: str = field(default="", metadata={"help": "local benchmark files in the layout of ../shared/data (empty: the hub)"})
-    engine: Literal["builtin", "lm-eval"] = "builtin"
-    prompt: Literal["fewshot", "chat"] = field(default="fewshot", metadata={"help": "lm-eval's few-shot prompts, or zero-shot R1-style through the chat template"})
-    limit: int = field(default=0, metadata={"help": "first N questions of each benchmark (0: all)"})
-    max_new_tokens: int = field(default=256, metadata={"help": "lm-eval's default; the R1-style evaluator used 3000"})
-    batch_size: int = 16
-    add_bos: bool = field(default=True, metadata={"help": "prepend BOS to few-shot prompts (the authors ran lm-eval with add_bos_token=True)"})
-    verify_timeout: float = 5.0
-    code_timeout: float = field(default=10.0, metadata={"help": "seconds a generated MBPP program may run with its tests"})
-    lm_eval_tasks: str = field(default="", metadata={"help": "further lm-eval tasks by name (engine lm-eval), e.g. your own with --include-path"})
-    include_path: str = field(default="", metadata={"help": "a directory of extra lm-eval task YAMLs"})
-    speed_batch: int = field(default=1, metadata={"help": "speedup: sequences per generate (authors: 1)"})
-    speed_new_tokens: int = field(default=64, metadata={"help": "speedup: generated tokens, pinned (authors: 64)"})
-    warmup: int = 3
-    repeats: int = 5
-    out: str = field(default="", metadata={"help": "write the results (with every sample) to this JSON file"})
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: str = "auto"
+    model: str = flag(DEFAULT_MODEL, "smollm2-135m, a checkpoint dir or a hub name")
+    compare: str = flag("", "further models, comma-separated (e.g. pruned ones): all evaluated; FLOP ratio and "
+                            "speedup over --model, timed alternately")
+    report: str = flag("", "a PTL run directory: write report.md, report.json and rounds.png there")
+    tasks: str = flag("gsm8k", "comma-separated: gsm8k, minerva_math, math500, offline (held-out generated "
+                               "arithmetic), mbpp, squad")
+    metrics: str = flag("accuracy", "comma-separated: accuracy (greedy generation, graded), gold_logprob "
+                                    "(teacher-forced mean log-probability of each question's reference solution; no "
+                                    "generation)")
+    data_dir: str = flag("", "local benchmark files in the layout of ../shared/data (empty: the hub)")
+    engine: Literal["builtin", "lm-eval"] = flag("builtin", "builtin: this file's batched greedy decoding; lm-eval: "
+                                                            "lm_eval.simple_evaluate on the same model")
+    prompt: Literal["fewshot", "chat"] = flag("fewshot", "lm-eval's few-shot prompts, or zero-shot R1-style through "
+                                                         "the chat template")
+    limit: int = flag(0, "first N questions of each benchmark (0: all)")
+    max_new_tokens: int = flag(256, "lm-eval's default; the R1-style evaluator used 3000")
+    batch_size: int = flag(16, "questions per generate batch")
+    add_bos: bool = flag(True, "prepend BOS to few-shot prompts (the authors ran lm-eval with add_bos_token=True)")
+    verify_timeout: float = flag(5.0, "seconds math-verify may take per answer (then wrong)")
+    code_timeout: float = flag(10.0, "seconds a generated MBPP program may run with its tests")
+    lm_eval_tasks: str = flag("", "further lm-eval tasks by name (engine lm-eval), e.g. your own with --include-path")
+    include_path: str = flag("", "a directory of extra lm-eval task YAMLs")
+    speed_batch: int = flag(1, "speedup: sequences per generate (authors: 1)")
+    speed_new_tokens: int = flag(64, "speedup: generated tokens, pinned (authors: 64)")
+    warmup: int = flag(3, "speed: untimed runs of each model first")
+    repeats: int = flag(5, "speed: timed runs of each model (the median is reported)")
+    out: str = flag("", "write the results (with every sample) to this JSON file")
+    dtype: Literal["auto", "float32", "bfloat16"] = flag("auto", "weights while evaluating; auto: bf16 on CUDA, fp32 "
+                                                                 "on CPU")
+    device: str = flag("auto", "auto (CUDA if present), cpu, cuda, ...")
+
+    def __post_init__(self):
+        check_ranges(self, positive=("batch_size", "max_new_tokens", "verify_timeout", "code_timeout", "speed_batch",
+                                     "speed_new_tokens", "repeats"), non_negative=("limit", "warmup"))
+        if self.out and Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a directory: give the name of the JSON file to write")
+        self.task_list(), self.metric_list()  # unknown names are refused now, not after the first benchmark
 
     def task_list(self) -> list[str]:
         names = [t for t in self.tasks.split(",") if t]
@@ -763,6 +769,13 @@ class Config:
         return [t for t in self.lm_eval_tasks.split(",") if t]
 
 
+def parse_config_of(flags: str, within: str = "") -> "Config":
+    """evaluate.py's Config from a string of its flags (ptl.py --eval-flags)."""
+    import shlex
+
+    return parse_config(Config, shlex.split(flags), within=within)
+
+
 def summary_line(name: str, res: dict) -> str:
     def one(r: dict) -> str:
         acc = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else ""
@@ -776,13 +789,18 @@ def main(cfg: Config) -> dict:
     if cfg.report:
         res = report(cfg.report)
         print(res["markdown"])
+        print("wrote " + ", ".join(str(Path(cfg.report) / f) for f in ("report.md", "report.json", "rounds.png")))
         return res
     d = setup_dist(cfg.device)
     if cfg.engine == "lm-eval" and d.world > 1:
-        raise ValueError("--engine lm-eval evaluates an in-memory model in one process: run it with python, not torchrun")
+        raise ValueError("--engine lm-eval evaluates an in-memory model in one process: run it with python, not "
+                         "torchrun")
     names = [cfg.model] + [c for c in cfg.compare.split(",") if c]
     if len(set(names)) < len(names):
         raise ValueError(f"--model and --compare name the same model twice ({names}): give each once")
+    for name in cfg.task_list():  # every local benchmark file is read (and checked) before any model loads
+        if name == "offline" or cfg.data_dir:
+            load_benchmark(name, cfg.data_dir, cfg.limit)
     models = {n: load_model(n, dtype=cfg.dtype, device=d.device) for n in names}
     tok = models[cfg.model][1]
     res = {n: evaluate_model(m, t, cfg) for n, (m, t) in models.items()}
@@ -798,10 +816,16 @@ def main(cfg: Config) -> dict:
             res["speed"][n] = {**s1, "flop_ratio_128": forward_flops(base.config, 128) / forward_flops(m.config, 128),
                                "params": count_params(m), "prefill_speedup": s0["prefill_s"] / s1["prefill_s"],
                                "decode_speedup": s1["decode_tokens_per_s"] / s0["decode_tokens_per_s"]}
-            print0(f"{n} vs {cfg.model}: FLOP ratio {res['speed'][n]['flop_ratio_128']:.3f}x (128 tokens) | prefill "
-                   f"speedup {res['speed'][n]['prefill_speedup']:.3f}x | decode speedup {res['speed'][n]['decode_speedup']:.3f}x "
-                   f"(batch {cfg.speed_batch}, {cfg.speed_new_tokens} new tokens, median of {cfg.repeats})")
+            s = res["speed"][n]
+            print0(f"{n} vs {cfg.model}: FLOP ratio {s['flop_ratio_128']:.3f}x (128 tokens) | prefill speedup "
+                   f"{s['prefill_speedup']:.3f}x | decode speedup {s['decode_speedup']:.3f}x (batch {cfg.speed_batch}, "
+                   f"{cfg.speed_new_tokens} new tokens, median of {cfg.repeats})")
         res["speed"][cfg.model] = {**speed[cfg.model], "params": count_params(base)}
+        noisy = [f"{n}: {max(v['prefill_spread'], v['total_spread']):.0%}" for n, v in speed.items()
+                 if max(v["prefill_spread"], v["total_spread"]) > 0.2]
+        if noisy:
+            print0(f"warning: timings varied by more than 20% between repeats ({', '.join(noisy)}): the machine is "
+                   "busy, and the speedups are not to be trusted. Re-run on an idle machine, or with more --repeats")
     if cfg.out and is_main():
         atomic_write_json(cfg.out, {"config": asdict(cfg), **res})
     cleanup_dist()
@@ -810,4 +834,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     unshadow_evaluate()
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -5,23 +5,35 @@ the rewards within the group to get each response's advantage; update the policy
 plus a k3 KL penalty to a frozen reference, averaged over every response token of the batch (DeepSeekMath
 Section 4.1; clip ratios, dual clip and the KL estimator as in EasyR1/verl, the authors' RL framework).
 
-Choices (defaults are the authors' EasyR1 examples/config.yaml: n 8, temperature 1.0, top_p 0.99, lr 1e-6
-constant, weight decay 1e-2, KL coef 1e-2, clip 0.2 / 0.3, dual clip 3, rollout = global batch = 128 prompts):
+Defaults, by source: [paper] Section 3.1: 8 responses per prompt, rollout batch = global batch = 128 prompts,
+temperature 1.0, constant lr 1e-6. [released] the authors' EasyR1 config (github.com/Arrebol-logos/PTL,
+EasyR1/examples/config.yaml): top_p 0.99, weight decay 1e-2, k3 ("low_var_kl") KL loss with coef 1e-2, prompts
+up to 2048 and responses up to 3000 tokens, 15 epochs, no warmup, math12k in 10 parts of ~1.2k prompts.
+[EasyR1 code] its actor defaults: clip 0.2 / 0.3, dual clip 3, gradient clip 1.0, one update per rollout,
+token-mean loss; its math reward: format weight 0.1. EasyR1's upstream examples/config.yaml differs (n 5,
+512-prompt rollouts updated in 4 mini-batches of 128, top_p 1.0, responses up to 2048 tokens, mathruler's
+grader): `--group-size 5 --rollout-batch 512 --mini-batches 4 --top-p 1.0 --max-response-length 2048
+--grader mathruler` (scripts/recipes.py easyr1-upstream).
+
+Choices:
 1. One policy update per rollout batch, so the ratio is 1 at the update and clipping never binds;
    --mini-batches k splits a rollout into k updates, with old log-probs taken before the first.
 2. Loss aggregation: the global token mean (sum of token losses / all-reduced count of response tokens),
    verl's "token-mean", the authors' setting; not the original GRPO's mean of per-response means.
 3. Advantages use the unbiased std (as verl and TRL) and eps 1e-6; a constant group gets exactly 0.
 4. A prompt's whole group is generated and scored on one rank, so group statistics need no all-gather.
-   Sampling is seeded per generate call. By default one call samples all of a rank's prompts (1.7x faster
-   generation than one call per prompt on SmolLM2, scripts/bench_grpo.py); with --gen-batch 1 each prompt is
-   its own call, seeded per (seed, step, prompt), so rollouts do not depend on the world size.
+   Sampling is seeded per generate call. By default one call samples all of a rank's prompts (faster: one
+   batch instead of many; scripts/bench_grpo.py measures it); with --gen-batch 1 each prompt is its own call,
+   seeded per (seed, step, prompt), so rollouts do not depend on the world size.
 5. --prompt chat is the authors' prompt: one user turn through the chat template, with their suffix.
    --prompt fewshot is "Question: q Answer:" after three worked examples that end in EOS. `auto` takes
-   fewshot for offline data: on SmolLM2-135M at temperature 1 the chat prompt gave 0/64 formatted answers to
-   one-digit sums, the few-shot prompt 41/64 (14 correct), and 84% of responses stopped by themselves.
+   fewshot for offline data, because a model as small as the default one earns almost no reward through the
+   chat template (the README gives the measurement).
 6. A reward that cannot be computed (a gold answer math-verify cannot parse, a timeout) is never a silent 0:
    the response leaves its group's statistics and the loss, and the step reports it as `skipped`.
+7. Accuracy is graded by math-verify (default, lenient: \\frac{2}{4} is 1/2) or, with --grader mathruler, by
+   EasyR1's own grader (stricter, and 0 wherever sympy fails, as EasyR1 scores it). Both read the last
+   \\boxed{} only, as EasyR1's format rule does; \\fbox counts in evaluation (evaluate.py), not in rewards.
 
     python grpo.py --rollout-batch 8 --max-response-length 48 --max-steps 5 --out /tmp/grpo     # CPU, offline
     torchrun --nproc_per_node 8 grpo.py --model out/qwen/round_2 --data hiyouga/math12k --samples 1200 \\
@@ -34,7 +46,7 @@ import json
 import math
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -42,9 +54,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, cleanup_dist, load_model, load_rows,
-                        parse_config, setup_dist)
-from recover import grad_sync, reload, resume, save_final, save_state, wrap
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, all_reduce_dict, chat_prompt, check_ranges,
+                        cleanup_dist, flag, last_boxed, load_model, load_rows, math_equal, question_answer, run_cli,
+                        setup_dist)
+from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
           "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE "
@@ -80,9 +93,11 @@ def grpo_token_loss(logp, old_logp, ref_logp, adv, *, clip_low: float = 0.2, cli
                     dual_clip: float = 3.0, beta: float = 1e-2) -> torch.Tensor:
     """Per-token loss L_t = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t, with
     rho_t = exp(logp_t - old_logp_t); for A < 0 the surrogate is also capped at dual_clip * |A| (verl's dual
-    clip). logp, old_logp, ref_logp (B, T); adv (B,). Aggregate with a token mean over the whole batch."""
+    clip). logp, old_logp, ref_logp (B, T); adv (B,). Aggregate with a token mean over the whole batch.
+    The log-ratio is clamped to [-20, 20] before exp, as verl does: past 88.7 exp overflows to inf, and although
+    the clipped loss stays finite, its backward is inf * 0 = NaN."""
     A = adv[:, None]
-    rho = torch.exp(logp - old_logp)
+    rho = torch.exp((logp - old_logp).clamp(-20, 20))
     pg = torch.maximum(-A * rho, -A * rho.clamp(1 - clip_low, 1 + clip_high))
     if dual_clip:
         pg = torch.where(A < 0, torch.minimum(pg, -A * dual_clip), pg)
@@ -97,19 +112,6 @@ def completion_mask(ids: torch.Tensor, eos_ids) -> torch.Tensor:
     return (torch.arange(ids.shape[1], device=ids.device)[None] <= first[:, None]).long()
 
 
-def last_boxed(text: str) -> str | None:
-    """The content of the last brace-balanced \\boxed{...} (or \\fbox{...}) in text, else None."""
-    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{"))
-    if start < 0:
-        return None
-    i, depth = text.index("{", start), 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1 : j]
-    return None  # unbalanced: an unfinished box is no answer
-
-
 def format_reward(text: str) -> float:
     """EasyR1's math format: with spaces around <, > and / removed, the response fullmatches
     <think>.*</think>.*\\boxed{.*}.* (DOTALL) -> 1.0, else 0.0."""
@@ -117,30 +119,48 @@ def format_reward(text: str) -> float:
     return 1.0 if re.fullmatch(r"<think>.*</think>.*\\boxed\{.*\}.*", t, re.DOTALL) else 0.0
 
 
-def accuracy_reward(text: str, answer: str, timeout: float = 5.0) -> float | None:
-    """1.0 if the last \\boxed{} of the response equals the gold answer under math-verify (\\frac12 == 0.5 ==
-    \\frac{2}{4}), 0.0 if it does not or there is no box; None if it cannot be decided (the gold answer
-    does not parse, or math-verify timed out): such a reward is skipped, never counted as 0."""
-    from math_verify import parse, verify
-    from math_verify.errors import TimeoutException
+def accuracy_reward(text: str, answer: str, timeout: float = 5.0, grader: str = "math-verify") -> float | None:
+    """1.0 if the last \\boxed{} of the response equals the gold answer, 0.0 if it does not or there is no box.
 
-    t = max(1, int(timeout))  # math-verify's alarm takes whole seconds (a float makes parse return [])
-    try:  # raise_on_error: by default math-verify turns a timeout into "wrong", the silent 0 we refuse
-        gold = parse(f"${answer}$", parsing_timeout=t, raise_on_error=True)
-        pred = last_boxed(text)
-        if not gold or pred is None:
-            return None if not gold else 0.0
-        return 1.0 if verify(gold, parse(f"${pred}$", parsing_timeout=t), timeout_seconds=t, raise_on_error=True) else 0.0
-    except TimeoutException:
+    grader "math-verify" (default): equal as mathematics (\\frac12 == 0.5 == \\frac{2}{4}); None if it cannot be
+    decided (the gold answer does not parse, or math-verify timed out): such a reward is skipped, never counted
+    as 0. grader "mathruler": EasyR1's reward exactly (mathruler's grade_answer, stricter: \\frac{2}{4} is not
+    1/2, 0.333333 is not 1/3, 2^{10} is not 1024), on the response with spaces around < > / removed as EasyR1
+    does; like EasyR1 it scores 0 when sympy fails, and None only if grading outlives `timeout` seconds."""
+    if grader == "mathruler":
+        return mathruler_accuracy(text, answer, timeout)
+    if grader != "math-verify":
+        raise ValueError(f"unknown grader {grader!r}: use math-verify or mathruler")
+    ok = math_equal(last_boxed(text, fbox=False), answer, timeout)
+    return None if ok is None else float(ok)
+
+
+def mathruler_accuracy(text: str, answer: str, timeout: float = 5.0) -> float | None:
+    """EasyR1's examples/reward_function/math.py accuracy: grade_answer(extract_boxed_content(response), answer)
+    from mathruler, after EasyR1's re.sub(r"\\s*(<|>|/)\\s*", r"\\1", response). mathruler has no time limit of
+    its own (sympy.simplify can run for minutes), so an alarm of `timeout` seconds makes it None (skipped)."""
+    import signal
+
+    from mathruler.grader import extract_boxed_content, grade_answer
+
+    def alarm(signum, frame):
+        raise TimeoutError
+    response = re.sub(r"\s*(<|>|/)\s*", r"\1", text)
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(max(1, int(timeout)))
+    try:
+        return 1.0 if grade_answer(extract_boxed_content(response), answer) else 0.0
+    except TimeoutError:
         return None
-    except Exception:  # noqa: BLE001  sympy failed on the gold answer or the comparison: undecidable, skip
-        return None
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def math_reward(text: str, answer: str, *, acc_weight: float = 0.9, format_weight: float = 0.1,
-                timeout: float = 5.0) -> dict:
+                timeout: float = 5.0, grader: str = "math-verify") -> dict:
     """The authors' reward: 0.9 * accuracy + 0.1 * format, with its parts (reward NaN when skipped)."""
-    acc, fmt = accuracy_reward(text, answer, timeout), format_reward(text)
+    acc, fmt = accuracy_reward(text, answer, timeout, grader), format_reward(text)
     return {"reward": math.nan if acc is None else acc_weight * acc + format_weight * fmt,
             "accuracy": math.nan if acc is None else acc, "format": fmt}
 
@@ -148,30 +168,10 @@ def math_reward(text: str, answer: str, *, acc_weight: float = 0.9, format_weigh
 # ----------------------------------------------------------------------------- data and prompts
 
 
-def question_answer(rec: dict, where: str) -> tuple[str, str]:
-    """(question, gold answer) of a record: problem/question + answer (GSM8K's "... #### N" -> N), offline's
-    `final`, or the last \\boxed{} of a MATH-style solution."""
-    q = next((rec[k] for k in ("problem", "question", "query") if isinstance(rec.get(k), str)), None)
-    a = rec.get("final", rec.get("answer"))
-    if isinstance(a, (int, float)):
-        a = str(a)
-    if isinstance(a, str) and "####" in a:
-        a = a.split("####")[-1].strip().replace(",", "")
-    if a is None and isinstance(rec.get("solution"), str):
-        a = last_boxed(rec["solution"])
-    if q is None or not a:
-        raise ValueError(f"{where}: record has fields {sorted(rec)}; GRPO needs a question (problem/question) and "
-                         "a gold answer (answer, or a solution with \\boxed{})")
-    return q, a
-
-
 def render(tok, question: str, style: str) -> str:
     """The prompt text for `question` (see choice 5 of the module docstring)."""
     if style == "chat":
-        if not tok.chat_template:
-            raise ValueError("--prompt chat needs a tokenizer with a chat template; use --prompt fewshot")
-        return tok.apply_chat_template([{"role": "user", "content": question + SUFFIX}], tokenize=False,
-                                       add_generation_prompt=True)
+        return chat_prompt(tok, question.strip() + SUFFIX)
     demos = [OfflineReasoning(10**6, easy=True)[i] for i in range(3)]  # fixed worked examples, outside any split
     shots = "".join(f"Question: {d['question']} Answer: {d['answer']}{tok.eos_token}\n" for d in demos)
     return shots + f"Question: {question} Answer:"
@@ -230,42 +230,56 @@ def response_logps(model, prompts: list[list[int]], responses: list[list[int]], 
 @dataclass
 class Config:
     """GRPO with format and accuracy rewards: PTL's RL recovery step (paper Section 2.2)."""
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir or a hub name"})
-    data: str = field(default="offline-easy", metadata={"help": "offline-easy | .jsonl/.parquet (problem/answer, GSM8K) | hub (paper: hiyouga/math12k)"})
-    samples: int = field(default=1200, metadata={"help": "prompts in this run's slice (EasyR1: math12k in 10 parts of ~1.2k)"})
-    data_offset: int = 0
-    out: str = "out/grpo"
-    prompt: Literal["auto", "chat", "fewshot"] = field(default="auto", metadata={"help": "auto: fewshot for offline data, else chat"})
-    group_size: int = 8
-    temperature: float = 1.0
-    top_p: float = 0.99
-    top_k: int = field(default=0, metadata={"help": "0 disables (transformers would fill in 50)"})
-    max_prompt_length: int = 2048
-    max_response_length: int = field(default=3000, metadata={"help": "paper 3000; use tens on a CPU"})
-    rollout_batch: int = field(default=128, metadata={"help": "prompts per step, over all ranks"})
-    mini_batches: int = field(default=1, metadata={"help": "policy updates per rollout (EasyR1: 1)"})
-    micro_batch: int = field(default=8, metadata={"help": "responses per forward/backward on one rank"})
-    gen_batch: int = field(default=0, metadata={"help": "prompts per generate call (0: all of a rank's prompts, fastest; 1: rollouts independent of world size)"})
-    lr: float = 1e-6
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    kl_coef: float = 1e-2
-    clip_low: float = 0.2
-    clip_high: float = 0.3
-    dual_clip: float = 3.0
-    acc_weight: float = 0.9
-    format_weight: float = 0.1
-    verify_timeout: float = 5.0
-    epochs: int = field(default=1, metadata={"help": "passes over the prompts (EasyR1 ran 15)"})
-    max_steps: int = 0
-    save_every: int = 0
-    fsdp: bool = False  # recover.wrap's switch; GRPO runs DDP
-    seed: int = 0
-    device: str = "auto"
+    model: str = flag(DEFAULT_MODEL, "smollm2-135m, a checkpoint dir or a hub name")
+    data: str = flag("offline-easy", "offline-easy | .jsonl/.parquet (problem/answer, GSM8K) | hub (paper: "
+                                     "hiyouga/math12k)")
+    samples: int = flag(1200, "prompts in this run's slice ([released]: math12k in 10 parts of ~1.2k)")
+    data_offset: int = flag(0, "first prompt of this run's slice of the shuffled data")
+    out: str = flag("out/grpo", "final HF checkpoint, metrics.jsonl, checkpoints/")
+    prompt: Literal["auto", "chat", "fewshot"] = flag("auto", "auto: fewshot for offline data, else chat")
+    group_size: int = flag(8, "responses per prompt [paper]")
+    temperature: float = flag(1.0, "[paper]")
+    top_p: float = flag(0.99, "[released]; EasyR1 upstream 1.0")
+    top_k: int = flag(0, "0 disables (transformers would fill in 50)")
+    max_prompt_length: int = flag(2048, "[released]")
+    max_response_length: int = flag(3000, "[released]; EasyR1 upstream 2048; tens on a CPU")
+    rollout_batch: int = flag(128, "prompts per step, over all ranks [paper]; EasyR1 upstream 512")
+    mini_batches: int = flag(1, "policy updates per rollout: rollout / global batch [paper: 128 / 128]; EasyR1 "
+                                "upstream 512 / 128 = 4")
+    micro_batch: int = flag(8, "responses per forward/backward on one rank")
+    gen_batch: int = flag(0, "prompts per generate call (0: all of a rank's prompts, fastest; 1: rollouts "
+                             "independent of world size)")
+    lr: float = flag(1e-6, "constant [paper]")
+    weight_decay: float = flag(1e-2, "[released]")
+    max_grad_norm: float = flag(1.0, "[EasyR1 code]")
+    kl_coef: float = flag(1e-2, "k3 KL loss coefficient [released]")
+    clip_low: float = flag(0.2, "[EasyR1 code]")
+    clip_high: float = flag(0.3, "[EasyR1 code]")
+    dual_clip: float = flag(3.0, "[EasyR1 code]")
+    acc_weight: float = flag(0.9, "[EasyR1 math reward: 1 - format weight]")
+    format_weight: float = flag(0.1, "[EasyR1 math reward]")
+    grader: Literal["math-verify", "mathruler"] = flag(
+        "math-verify",
+        "accuracy grader: math-verify (lenient; undecidable rewards skipped) or mathruler (EasyR1's exactly)")
+    verify_timeout: float = flag(5.0, "seconds a grader may take; then the reward is skipped")
+    epochs: int = flag(1, "passes over the prompts ([released]: 15)")
+    max_steps: int = flag(0, "policy steps (0: epochs over the prompts)")
+    save_every: int = flag(0, "steps between resumable checkpoints (0: none)")
+    seed: int = flag(0, "which prompts are drawn, and the sampling")
+    device: str = flag("auto", "auto (CUDA if present), cpu, cuda, ...")
 
     def __post_init__(self):
+        check_ranges(self, positive=("rollout_batch", "mini_batches", "micro_batch", "max_prompt_length",
+                                     "max_response_length", "temperature", "top_p", "lr", "epochs", "verify_timeout"),
+                     non_negative=("samples", "data_offset", "top_k", "gen_batch", "weight_decay", "kl_coef",
+                                   "max_steps", "save_every"))
+        if self.top_p > 1:
+            raise ValueError(f"--top-p {self.top_p}: a probability mass, at most 1")
         if self.group_size < 2:
             raise ValueError("--group-size must be >= 2: advantages compare responses within a group")
+
+
+RESUMABLE = {"save_every", "device", "out"}  # may change when a run is resumed
 
 
 def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Callable | None = None) -> dict:
@@ -274,13 +288,13 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
     reward_fn(response_text, answer) -> {"reward", ...} defaults to math_reward. Call on every rank with the
     same rows. Returns {"model": the trained model, "steps", "reward", "time_s", ...}."""
     d, out = setup_dist(cfg.device), Path(cfg.out)
-    if (out / "train_summary.json").exists():
-        return {**json.loads((out / "train_summary.json").read_text()), "model": reload(model, out, d)}
-    if cfg.fsdp:
-        raise ValueError("grpo.py runs DDP; --fsdp is not supported here")
+    fingerprint = {"blocks": len(rows), "tokens": 0, "config": asdict(cfg)}
+    if (done := finished(out, fingerprint, RESUMABLE)) is not None:
+        return {**done, "model": reload(model, out, d)}
     style = cfg.prompt if cfg.prompt != "auto" else "fewshot" if cfg.data.startswith("offline") else "chat"
-    reward_fn = reward_fn or (lambda text, answer: math_reward(text, answer, acc_weight=cfg.acc_weight,
-                                                               format_weight=cfg.format_weight, timeout=cfg.verify_timeout))
+    reward_fn = reward_fn or (lambda text, answer: math_reward(
+        text, answer, acc_weight=cfg.acc_weight, format_weight=cfg.format_weight, timeout=cfg.verify_timeout,
+        grader=cfg.grader))
     N, B, W, G = len(rows), cfg.rollout_batch, d.world, cfg.group_size
     if B % (W * cfg.mini_batches) or N < B:
         raise ValueError(f"--rollout-batch {B} must be a multiple of {W} ranks x --mini-batches {cfg.mini_batches} "
@@ -288,10 +302,10 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
     per_epoch = N // B
     total = cfg.max_steps or cfg.epochs * per_epoch
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None  # the policy as it starts
-    net = wrap(model, cfg, d)
+    net = wrap(model, d)  # DDP: each rank generates its own groups, so the policy is whole on every rank
     policy = net.module if hasattr(net, "module") else net
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    start, elapsed = resume(out, net, opt, {"blocks": N, "tokens": 0, "config": asdict(cfg)})
+    start, elapsed = resume(out, net, opt, fingerprint, RESUMABLE)
     bar = tqdm(total=total, initial=start, desc="grpo", disable=not d.main, leave=False)
     t_start, row = time.time() - elapsed, {}
     for step in range(start, total):
@@ -302,36 +316,60 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
         prompts, responses = rollout(policy, tok, [render(tok, rows[i][0], style) for i in mine], cfg,
                                      [hash((cfg.seed, step, i)) % 2**62 for i in mine])
         t_gen = time.perf_counter() - t0
-        texts = tok.batch_decode(responses, skip_special_tokens=True)
-        scored = [reward_fn(t, rows[mine[k // G]][1]) for k, t in enumerate(texts)]
-        rewards = torch.tensor([x["reward"] for x in scored], dtype=torch.float32)
-        adv = group_advantages(rewards, G)
+        scored = [reward_fn(t, rows[mine[k // G]][1])
+                  for k, t in enumerate(tok.batch_decode(responses, skip_special_tokens=True))]
+        rewards = torch.tensor([x["reward"] for x in scored], dtype=torch.float32)  # (B/W * G,)
         use = ~rewards.isnan()  # skipped responses: out of the loss
-        row = train_step(net, policy, ref, opt, prompts, responses, adv, use, cfg, tok.pad_token_id, W)
-        t_train = time.perf_counter() - t0 - t_gen
-        stats = torch.tensor([rewards.nansum(), use.sum(), sum(x.get("accuracy", 0) for x in scored if not math.isnan(x["reward"])),
-                              sum(x.get("format", 0) for x in scored), (rewards.view(-1, G).nan_to_num().std(1) == 0).sum(),
-                              len(mine), sum(map(len, responses)), len(responses), t_gen, t_train], dtype=torch.float64)
-        st = all_reduce_(stats.to(d.device)).tolist()
-        row = {"step": step + 1, "reward": st[0] / max(st[1], 1), "accuracy": st[2] / max(st[1], 1),
-               "format": st[3] / st[7], "kl": row["kl"], "zero_std": st[4] / st[5], "skipped": int(st[7] - st[1]),
-               "response_len": st[6] / st[7], "loss": row["loss"], "grad_norm": row["grad_norm"],
-               "gen_tokens_per_s": st[6] / (st[8] / W), "train_tokens_per_s": st[6] / (st[9] / W), "lr": cfg.lr}
+        update = train_step(net, policy, ref, opt, prompts, responses, group_advantages(rewards, G), use, cfg,
+                            tok.pad_token_id, W)
+        sums = rollout_sums(scored, rewards, responses, G)
+        sums.update(gen_s=t_gen, train_s=time.perf_counter() - t0 - t_gen, step_s=time.perf_counter() - t0)
+        row = step_metrics(step + 1, all_reduce_dict(sums, d.device), update, W, cfg.lr)
         if d.main:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.update(1)
-            bar.write(f"step {step + 1}/{total} | reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | format "
-                      f"{row['format']:.3f} | kl {row['kl']:.4f} | zero-std {row['zero_std']:.2f} | len "
-                      f"{row['response_len']:.1f} | gen tok/s {row['gen_tokens_per_s']:.0f} | train tok/s {row['train_tokens_per_s']:.0f}")
+            bar.write(progress_line(row, total))
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             save_state(out / "checkpoints" / f"step_{step + 1}", net, opt, step + 1,
-                       {"blocks": N, "tokens": 0, "config": asdict(cfg), "elapsed": time.time() - t_start})
+                       {**fingerprint, "elapsed": time.time() - t_start})
     bar.close()
     summary = {"steps": total, "reward": row.get("reward", math.nan), "accuracy": row.get("accuracy", math.nan),
-               "time_s": time.time() - t_start, "prompts": N, "world": W, "resumed_at": start, "prompt_style": style}
+               "time_s": time.time() - t_start, "prompts": N, "world": W, "resumed_at": start, "prompt_style": style,
+               "fingerprint": fingerprint}
     save_final(out, model, net, tok, summary)
     return {**summary, "model": model.eval()}
+
+
+def rollout_sums(scored: list[dict], rewards: torch.Tensor, responses: list, G: int) -> dict:
+    """This rank's sums for one step's metrics (all-reduced into step_metrics' `st`); rewards (n,) hold NaN where
+    a response was skipped, in groups of G."""
+    use = ~rewards.isnan()
+    return {"reward": float(rewards.nansum()), "scored": float(use.sum()),
+            "format": sum(x.get("format", 0) for x in scored),
+            "accuracy": sum(x.get("accuracy", 0) for x in scored if not math.isnan(x["reward"])),
+            "zero_std_groups": float((rewards.view(-1, G).nan_to_num().std(1) == 0).sum()),
+            "groups": len(rewards) // G, "tokens": sum(map(len, responses)), "responses": len(responses)}
+
+
+def step_metrics(step: int, st: dict, update: dict, W: int, lr: float) -> dict:
+    """metrics.jsonl's row for one step: means from the sums over W ranks `st`, and the update's loss, KL and
+    gradient norm; step_s, gen_s, train_s: seconds per rank for the step, its generation and its update."""
+    return {"step": step, "reward": st["reward"] / max(st["scored"], 1),
+            "accuracy": st["accuracy"] / max(st["scored"], 1), "format": st["format"] / st["responses"],
+            "kl": update["kl"], "zero_std": st["zero_std_groups"] / st["groups"],
+            "skipped": int(st["responses"] - st["scored"]), "response_len": st["tokens"] / st["responses"],
+            "loss": update["loss"], "grad_norm": update["grad_norm"], "step_s": st["step_s"] / W,
+            "gen_s": st["gen_s"] / W, "train_s": st["train_s"] / W,
+            "gen_tokens_per_s": st["tokens"] / (st["gen_s"] / W),
+            "train_tokens_per_s": st["tokens"] / (st["train_s"] / W), "lr": lr}
+
+
+def progress_line(row: dict, total: int) -> str:
+    return (f"step {row['step']}/{total} | reward {row['reward']:.3f} | acc {row['accuracy']:.3f} | format "
+            f"{row['format']:.3f} | kl {row['kl']:.4f} | zero-std {row['zero_std']:.2f} | len "
+            f"{row['response_len']:.1f} | gen tok/s {row['gen_tokens_per_s']:.0f} | train tok/s "
+            f"{row['train_tokens_per_s']:.0f}")
 
 
 def train_step(net, policy, ref, opt, prompts, responses, adv, use, cfg: Config, pad_id: int, W: int) -> dict:
@@ -344,7 +382,7 @@ def train_step(net, policy, ref, opt, prompts, responses, adv, use, cfg: Config,
         old_lp = [response_logps(policy, [prompts[i] for i in c], [responses[i] for i in c], pad_id, cfg.temperature)[0]
                   if cfg.mini_batches > 1 else None for c in chunks]
     per_update = math.ceil(len(chunks) / cfg.mini_batches)
-    reported = torch.zeros(2, dtype=torch.float64)  # (loss, kl) token means, averaged over the updates
+    reported = {"loss": 0.0, "kl": 0.0}  # token means, averaged over the updates
     for u in range(cfg.mini_batches):
         loss_sum, kl_sum = 0.0, 0.0
         part = range(u * per_update, min((u + 1) * per_update, len(chunks)))
@@ -353,25 +391,28 @@ def train_step(net, policy, ref, opt, prompts, responses, adv, use, cfg: Config,
         for j, k in enumerate(part):
             c = chunks[k]
             with grad_sync(net, j == len(part) - 1):
-                logp, mask = response_logps(net, [prompts[i] for i in c], [responses[i] for i in c], pad_id, cfg.temperature)
+                logp, mask = response_logps(net, [prompts[i] for i in c], [responses[i] for i in c], pad_id,
+                                            cfg.temperature)
                 mask = mask * use[c][:, None].to(mask.device)
                 old = old_lp[k] if old_lp[k] is not None else logp.detach()
-                loss = grpo_token_loss(logp, old, ref_lp[k] if ref is not None else logp.detach(), adv[c].to(logp.device),
-                                       clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
+                ref_logp = ref_lp[k] if ref is not None else logp.detach()
+                loss = grpo_token_loss(logp, old, ref_logp, adv[c].to(logp.device), clip_low=cfg.clip_low,
+                                       clip_high=cfg.clip_high, dual_clip=cfg.dual_clip,
                                        beta=cfg.kl_coef if ref is not None else 0.0)
                 # DDP averages gradients over ranks: x W makes the update sum(token losses) / n_tok exactly.
                 ((loss * mask).sum() * W / n_tok).backward()
             loss_sum += float((loss.detach() * mask).sum())
             if ref is not None:
                 kl_sum += float((k3_kl(logp.detach(), ref_lp[k]) * mask).sum())
-        total = all_reduce_(torch.tensor([loss_sum, kl_sum], dtype=torch.float64, device=n_tok.device)) / n_tok
-        if not all(math.isfinite(x) for x in total.tolist()):
-            raise FloatingPointError(f"GRPO loss is {total[0].item()}; stopping before the update. Try a lower --lr.")
+        sums = all_reduce_dict({"loss": loss_sum, "kl": kl_sum}, n_tok.device)
+        total = {k: v / float(n_tok) for k, v in sums.items()}
+        if not all(math.isfinite(x) for x in total.values()):
+            raise FloatingPointError(f"GRPO loss is {total['loss']}; stopping before the update. Try a lower --lr.")
         gnorm = float(torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        reported += total.cpu() / cfg.mini_batches
-    return {"loss": reported[0].item(), "kl": reported[1].item(), "grad_norm": gnorm}
+        reported = {k: reported[k] + total[k] / cfg.mini_batches for k in reported}
+    return {**reported, "grad_norm": gnorm}
 
 
 def main(cfg: Config) -> dict:
@@ -385,4 +426,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -11,7 +11,9 @@ Choices, against the paper and the authors' released code (github.com/Arrebol-lo
    a fixed k (1000) per layer and round.
 2. |Act|. Eq. 4 reads Act <= sigma; we take max |Act| over tokens, because removing neuron j changes the
    FFN output by Act_j * W_down[:, j], whose norm is |Act_j| * ||W_down[:, j]|| (Eq. 3's proportionality).
-   `--neuron-rule released` reproduces the released code instead (signed, last token; see released_scores).
+   `--neuron-rule released` reproduces the released code instead: signed values, read at a copy of each
+   text's last token appended after it (append_last_token), bottom-n intersected over texts, with their n per
+   round (--released-top-n) and, with --calib-per-round, fresh texts every round (see released_scores).
 3. "For all x" = every non-padding token of every calibration sequence for neurons (a max), and the mean over
    tokens for layers (Eq. 6; the per-token max would be decided by attention-sink tokens).
 4. Layers are scored (Eq. 5; or, to compare, ShortGPT's Block Influence, the perplexity change with the
@@ -29,11 +31,14 @@ Choices, against the paper and the authors' released code (github.com/Arrebol-lo
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import math
+import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,9 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, cleanup_dist, count_params, finished_rounds,
-                        human, import_evaluate, is_main, load_model, load_record, load_rows, load_texts, make_batches,
-                        parse_config, print0, save_checkpoint, setup_dist, unshadow_evaluate)
+from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, barrier, check_ranges, cleanup_dist,
+                        count_params, finished_rounds, flag, human, import_evaluate, is_main, load_model, load_record,
+                        load_rows, load_texts, make_batches, parse_config, print0, run_cli, save_checkpoint, setup_dist,
+                        unshadow_evaluate, verify_checkpoint)
 import recover
 
 # ----------------------------------------------------------------------------- accessors
@@ -143,26 +149,32 @@ def protect_top(s: torch.Tensor, general: torch.Tensor, frac: float) -> torch.Te
     return s.scatter(1, general.topk(n, dim=1).indices, math.inf) if n else s
 
 
+def top_count(n: float, width: int) -> int:
+    """The released rule's n for a layer of `width` neurons: n < 1 is a fraction of the width, else a count."""
+    count = max(1, int(n * width)) if n < 1 else int(n)
+    if count >= width:
+        raise ValueError(f"--released-top-n {n} leaves no neuron outside the bottom-n of a {width}-wide layer")
+    return count
+
+
+def append_last_token(batch: dict) -> dict:
+    """The released rule's input: each right-padded row of (B, T) with a copy of its last real token written
+    after it -> (B, T + 1). The authors' customised generate() forwards cat(input_ids, input_ids[:, -1:]) and
+    their hooks read position -1, which is this copy, not the text's real last token."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    n, rows = mask.sum(1), torch.arange(len(ids))  # (B,) real lengths
+    ids, mask = F.pad(ids, (0, 1)), F.pad(mask, (0, 1))  # room for the copy after the longest row
+    ids[rows, n], mask[rows, n] = ids[rows, n - 1], 1
+    return {**batch, "input_ids": ids, "attention_mask": mask}
+
+
 # ----------------------------------------------------------------------------- calibration passes
 
 
-@torch.no_grad()
-def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: str | None = "distance",
-               top_n: float = 0.84, largest: bool = False) -> dict:
-    """One forward per batch through the base model (scores never need the LM head), with hooks.
-
-    Returns {"neuron": (L, I) Eq. 4 maxima | (L, 3, I) released-rule counts, "layer": (L,) token means of
-    Eq. 5 or BI, "samples", "tokens"}, combined over torchrun ranks (MAX for maxima, SUM otherwise), so
-    every rank gets identical scores. Memory is O(L * I), independent of the number of tokens."""
-    layers = decoder_layers(model)
-    L, I = len(layers), ffn(layers[0])[0].out_features
-    dev = next(model.parameters()).device
-    n_top = max(1, int(top_n * I))
-    neu = torch.zeros((L, I) if neuron_rule == "eq4" else (L, 3, I), device=dev)
-    lay = torch.zeros(L, dtype=torch.float64, device=dev)
-    count = torch.zeros(2, dtype=torch.float64, device=dev)  # (sequences, tokens)
-    st: dict = {}
-    metric = {"distance": layer_change, "bi": block_influence}.get(layer_rule)
+def score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top: int, largest: bool) -> list:
+    """Forward hooks that accumulate score_pass's scores into neu (L, I) | (L, 3, I) and lay (L,) as batches pass;
+    st["mask"] (B, T) marks the real tokens of the current batch. Returns the handles, to remove afterwards."""
+    I = neu.shape[-1]
 
     def eq4_hook(l):
         def fn(mod, args):
@@ -172,7 +184,7 @@ def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: s
     def released_hook(l, p):  # p: 0 = gate_proj output, 1 = up_proj output, 2 = Act (down_proj input)
         def count_last(v):  # v (B, T, I): signed values at each sequence's last real token
             m = st["mask"]
-            x = v[torch.arange(v.shape[0], device=dev), m.sum(1) - 1].float()  # (B, I)
+            x = v[torch.arange(v.shape[0], device=v.device), m.sum(1) - 1].float()  # (B, I)
             neu[l, p] += torch.bincount(x.topk(n_top, dim=-1, largest=largest).indices.flatten(), minlength=I)
         return (lambda mod, args: count_last(args[0])) if p == 2 else (lambda mod, args, out: count_last(out))
 
@@ -198,6 +210,27 @@ def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: s
         if metric is not None:
             handles += [layer.register_forward_pre_hook(layer_in(l), with_kwargs=True),
                         layer.register_forward_hook(layer_out(l), with_kwargs=True)]
+    return handles
+
+
+@torch.no_grad()
+def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: str | None = "distance",
+               top_n: float = 0.84, largest: bool = False) -> dict:
+    """One forward per batch through the base model (scores never need the LM head), with hooks.
+
+    Returns {"neuron": (L, I) Eq. 4 maxima | (L, 3, I) released-rule counts, "layer": (L,) token means of
+    Eq. 5 or BI, "samples", "tokens"}, combined over torchrun ranks (MAX for maxima, SUM otherwise), so
+    every rank gets identical scores. Memory is O(L * I), independent of the number of tokens."""
+    layers = decoder_layers(model)
+    L, I = len(layers), ffn(layers[0])[0].out_features
+    dev = next(model.parameters()).device
+    n_top = top_count(top_n, I)
+    neu = torch.zeros((L, I) if neuron_rule == "eq4" else (L, 3, I), device=dev)
+    lay = torch.zeros(L, dtype=torch.float64, device=dev)
+    count = torch.zeros(2, dtype=torch.float64, device=dev)  # (sequences, tokens)
+    st: dict = {}  # the current batch's mask, and each layer's input until its output arrives
+    metric = {"distance": layer_change, "bi": block_influence}.get(layer_rule)
+    handles = score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top, largest)
     try:
         for b in tqdm(batches, desc="calibration", disable=not is_main(), leave=False):
             b = {k: v.to(dev) for k, v in b.items()}
@@ -220,6 +253,7 @@ def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: s
 def neuron_scores(model, batches, *, rule: str = "eq4", top_n: float = 0.84) -> list[torch.Tensor]:
     """Per decoder layer, an (intermediate_size,) score; lower = more redundant. rule: "eq4" (Eq. 3-4,
     max |Act| over every real token) or "released" (the authors' code, see released_scores)."""
+    batches = batches if rule == "eq4" else [append_last_token(b) for b in batches]
     r = score_pass(model, batches, neuron_rule=rule, layer_rule=None, top_n=top_n)
     return list(r["neuron"] if rule == "eq4" else released_scores(r["neuron"], r["samples"]))
 
@@ -353,59 +387,119 @@ def drop_layers(model: nn.Module, drop: list[int]) -> None:
 @dataclass
 class Config:
     """Prune-Tune Loop (Algorithm 1): score, remove, recover, save - round after round."""
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m (offline), a checkpoint dir or a hub name"})
-    out: str = field(default="out/ptl", metadata={"help": "writes OUT/round_<t>/; re-running resumes"})
-    calib_data: str = field(default="offline", metadata={
-        "help": "comma-separated: offline | .jsonl/.parquet | hub names (paper: AI-MO/NuminaMath-CoT,meta-math/MetaMathQA)"})
-    calib_samples: int = 128
-    max_length: int = 512
-    batch_size: int = 8
-    order: Literal["neu-lay", "lay-neu", "alternate"] = field(default="neu-lay", metadata={"help": "Table 3"})
-    rounds: int = field(default=0, metadata={"help": "max rounds T (0: until the targets are met)"})
-    target_ratio: float = field(default=0.4, metadata={"help": "fraction of all parameters to remove (0: no size target)"})
-    layer_target: int = field(default=0, metadata={"help": "layers to remove in all (counted in --target-ratio)"})
-    neuron_step: float = field(default=0.05, metadata={"help": "neurons per layer and round, fraction of the original width (Fig. 4)"})
-    layer_step: int = field(default=1, metadata={"help": "layers per layer-round"})
-    sigma_neuron: float | None = field(default=None, metadata={"help": "Eq. 4 threshold; sets k per round instead of --neuron-step"})
-    sigma_layer: float | None = field(default=None, metadata={"help": "Eq. 6 threshold; sets the layers per round"})
-    neuron_rule: Literal["eq4", "released"] = "eq4"
-    layer_rule: Literal["distance", "bi", "ppl", "taylor"] = field(default="distance", metadata={
-        "help": "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor"})
-    released_top_n: float = field(default=0.84, metadata={"help": "released rule: bottom/top-n as a width fraction (12000/14336)"})
-    protect_data: str = field(default="", metadata={"help": "general-text corpus whose strongly active neurons are never pruned"})
-    protect_samples: int = field(default=0, metadata={"help": "lines of --protect-data to probe (0: all)"})
-    protect_frac: float = field(default=0.1, metadata={"help": "eq4 rule: protect each layer's top fraction on --protect-data"})
-    recovery: Literal["none", "cpt", "grpo", "cpt+grpo"] = field(default="none", metadata={
-        "help": "Algorithm 1 lines 9-10 after each round: recover.py (cpt), grpo.py, or both in that order"})
-    cpt_flags: str = field(default="", metadata={
-        "help": "recover.py flags for every round, e.g. '--data AI-MO/NuminaMath-CoT,meta-math/MetaMathQA --samples 100000 --lr 4e-6'; "
-                "--samples is texts per round: round t trains on rows (t-1)*samples .. t*samples"})
-    grpo_flags: str = field(default="", metadata={
-        "help": "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 --max-response-length 3000'; "
-                "round t uses prompts (t-1)*samples .. t*samples (the authors' 10 parts of math12k)"})
-    eval_every_round: bool = field(default=False, metadata={
-        "help": "evaluate the dense model and every round with evaluate.py; results in dense_eval.json and ptl_record.json"})
-    eval_flags: str = field(default="--tasks gsm8k --limit 50", metadata={
-        "help": "evaluate.py flags, e.g. '--tasks gsm8k,math500 --data-dir ../shared/data --limit 100'"})
-    baseline: Literal["none", "prune-once", "shortgpt"] = field(default="none", metadata={
-        "help": "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it "
-                "with PTL's total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio"})
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    device: str = "auto"
-    seed: int = 0
+    model: str = flag(DEFAULT_MODEL, "smollm2-135m (offline), a checkpoint dir or a hub name")
+    out: str = flag("out/ptl", "writes OUT/round_<t>/; re-running resumes")
+    calib_data: str = flag("offline", "comma-separated: offline | .jsonl/.parquet | hub names (paper: "
+                                      "AI-MO/NuminaMath-CoT,meta-math/MetaMathQA)")
+    calib_samples: int = flag(128, "calibration texts each round scores on")
+    max_length: int = flag(512, "tokens per calibration text (longer ones are cut)")
+    batch_size: int = flag(8, "calibration texts per forward pass")
+    order: Literal["neu-lay", "lay-neu", "alternate"] = flag("neu-lay", "Table 3")
+    rounds: int = flag(0, "max rounds T (0: until the targets are met)")
+    target_ratio: float = flag(0.4, "fraction of all parameters to remove (0: no size target)")
+    layer_target: int = flag(0, "layers to remove in all (counted in --target-ratio)")
+    neuron_step: float = flag(0.05, "neurons per layer and round, fraction of the original width (Fig. 4)")
+    layer_step: int = flag(1, "layers per layer-round")
+    sigma_neuron: float | None = flag(None, "Eq. 4 threshold; sets k per round instead of --neuron-step")
+    sigma_layer: float | None = flag(None, "Eq. 6 threshold; sets the layers per round")
+    neuron_rule: Literal["eq4", "released"] = flag("eq4", "eq4: max |Act| over every token (the paper); released: "
+                                                          "the authors' code (signed bottom-n, intersected)")
+    layer_rule: Literal["distance", "bi", "ppl", "taylor"] = flag(
+        "distance",
+        "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor")
+    released_top_n: str = flag("0.84", "released rule: n of the bottom-n (top-n for --protect-data) per round, "
+                                       "comma-separated, the last repeating; < 1 a fraction of the current width, "
+                                       "else a count (the authors: Llama 12000, 12000, 11000, 10000 of 14336; their "
+                                       "Qwen loop 16000, 15000, ... of 18944)")
+    calib_per_round: bool = flag(False, "fresh calibration texts (and --protect-data lines) every round: round t "
+                                        "reads rows (t-1)n .. tn (the authors take a new data chunk, and new English "
+                                        "lines, every round)")
+    protect_data: str = flag("", "general-text corpus whose strongly active neurons are never pruned")
+    protect_samples: int = flag(0, "lines of --protect-data to probe (0: all)")
+    protect_frac: float = flag(0.1, "eq4 rule: protect each layer's top fraction on --protect-data")
+    recovery: Literal["none", "cpt", "grpo", "cpt+grpo"] = flag(
+        "none",
+        "Algorithm 1 lines 9-10 after each round: recover.py (cpt), grpo.py, or both in that order")
+    cpt_flags: str = flag(
+        "--data offline --samples 64 --max-length 256 --global-batch 8 --micro-batch 4 --lr 1e-4",
+        "recover.py flags for every round; --samples is texts per round: round t trains on rows (t-1)*samples .. "
+        "t*samples. The default suits the default model on a CPU; the paper's: '--data AI-MO/NuminaMath-CoT,"
+        "meta-math/MetaMathQA --samples 100000 --lr 8e-6 --max-length 1024'")
+    grpo_flags: str = flag("", "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 "
+                               "--max-response-length 3000'; round t uses prompts (t-1)*samples .. t*samples (the "
+                               "authors' 10 parts of math12k)")
+    eval_every_round: bool = flag(False, "evaluate the dense model and every round with evaluate.py; results in "
+                                         "dense_eval.json and ptl_record.json")
+    eval_flags: str = flag(
+        "--tasks offline --limit 100 --metrics gold_logprob,accuracy --max-new-tokens 200 --batch-size 100",
+        "evaluate.py flags (default: held-out offline problems, which need no hub), e.g. '--tasks gsm8k,math500 "
+        "--data-dir ../shared/data --limit 100'")
+    baseline: Literal["none", "prune-once", "shortgpt"] = flag(
+        "none",
+        "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it with PTL's "
+        "total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio")
+    dtype: Literal["auto", "float32", "bfloat16"] = flag("auto", "weights while scoring; auto: bf16 on CUDA, fp32 on "
+                                                                 "CPU and whenever a recovery trains")
+    device: str = flag("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
+    seed: int = flag(0, "which calibration texts are drawn (and --protect-data lines)")
 
     def __post_init__(self):
-        if self.baseline != "none" and not self.target_ratio and not (self.baseline == "prune-once" and self.layer_target):
-            raise ValueError(f"--baseline {self.baseline} removes everything in one round: it needs a size, --target-ratio")
-        if not 0 < self.neuron_step <= 1 or not 0 <= self.target_ratio < 1 or not 0 < self.released_top_n < 1:
-            raise ValueError("need 0 < --neuron-step <= 1, 0 <= --target-ratio < 1 and 0 < --released-top-n < 1")
+        check_ranges(self, positive=("calib_samples", "max_length", "batch_size"),
+                     non_negative=("rounds", "protect_samples", "layer_target", "sigma_neuron", "sigma_layer"))
+        sized = self.target_ratio or (self.baseline == "prune-once" and self.layer_target)
+        if self.baseline != "none" and not sized:
+            raise ValueError(f"--baseline {self.baseline} removes everything in one round: it needs a size, "
+                             "--target-ratio")
+        if not 0 < self.neuron_step <= 1 or not 0 <= self.target_ratio < 1:
+            raise ValueError("need 0 < --neuron-step <= 1 and 0 <= --target-ratio < 1")
+        try:
+            tops = [float(x) for x in self.released_top_n.split(",")]
+        except ValueError:
+            tops = []
+        if not tops or any(not (0 < x < 1 or (x >= 1 and x == int(x))) for x in tops):
+            raise ValueError(f"--released-top-n {self.released_top_n!r}: give fractions in (0, 1) or whole counts, "
+                             "comma-separated, one per round (e.g. 0.84, or 12000,12000,11000,10000)")
+        if self.calib_per_round and self.protect_data and not self.protect_samples:
+            raise ValueError("--calib-per-round takes fresh --protect-data lines each round: give --protect-samples")
         if self.layer_step < 1 or self.layer_target < 0 or not 0 <= self.protect_frac < 1:
             raise ValueError("need --layer-step >= 1, --layer-target >= 0 and 0 <= --protect-frac < 1")
         if not (self.rounds or self.target_ratio or self.sigma_neuron is not None or self.sigma_layer is not None):
             raise ValueError("nothing bounds the loop: give --rounds, --target-ratio or a sigma threshold")
+        ignored = [f"--{k.replace('_', '-')}" for k in self.baseline_ignores() if getattr(self, k) != FIELDS[k].default]
+        if ignored:
+            raise ValueError(f"--baseline {self.baseline} removes everything in one round: {', '.join(ignored)} "
+                             "would be ignored; drop it")
+        self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
+        if self.eval_every_round:
+            import_evaluate().parse_config_of(self.eval_flags, within="--eval-flags").task_list()
+
+    def baseline_ignores(self) -> tuple:
+        """Flags that have no effect under --baseline (it removes everything at once, by its own rule)."""
+        depth = ("order", "neuron_step", "layer_step", "layer_target", "neuron_rule", "layer_rule", "sigma_neuron",
+                 "sigma_layer")  # ShortGPT removes only the lowest-Block-Influence layers, as many as the size needs
+        return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth}[self.baseline]
+
+    def flags_for(self, kind: str):
+        """recover.py's (kind "cpt") or grpo.py's Config from --cpt-flags / --grpo-flags; None if not recovering so."""
+        if kind not in self.recovery.split("+"):
+            return None
+        import grpo
+
+        rc = parse_config({"cpt": recover, "grpo": grpo}[kind].Config, shlex.split(getattr(self, f"{kind}_flags")),
+                          within=f"--{kind}-flags")
+        if not rc.samples:
+            raise ValueError(f"--recovery {kind} needs a data size per round: --{kind}-flags '--samples N ...'")
+        return rc
 
 
-RESUMABLE = {"rounds", "device", "eval_every_round", "eval_flags"}  # flags that may change between a run and its resumption
+    def top_n(self, t: int) -> float:
+        """The released rule's n in round t (1-based): the t-th value of --released-top-n, or its last."""
+        tops = [float(x) for x in self.released_top_n.split(",")]
+        return tops[min(t, len(tops)) - 1]
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+RESUMABLE = {"rounds", "device", "eval_every_round", "eval_flags", "out"}  # may change when a run is resumed
 
 
 def neuron_budget(model, cfg: Config) -> int | None:
@@ -422,7 +516,8 @@ def neuron_budget(model, cfg: Config) -> int | None:
     rest, L_end = P - L * per_layer, L - cfg.layer_target
     if L_end < 1:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
-    width = math.floor(((1 - cfg.target_ratio) * P - rest - L_end * (per_layer - I * per_neuron)) / (L_end * per_neuron))
+    budget = (1 - cfg.target_ratio) * P - rest - L_end * (per_layer - I * per_neuron)  # for the FFN neurons
+    width = math.floor(budget / (L_end * per_neuron))
     if width < 1:
         raise ValueError(f"--target-ratio {cfg.target_ratio} is out of reach: it would remove every FFN neuron")
     return max(0, I - width)
@@ -458,6 +553,24 @@ def next_kind(order: str, t: int, left: dict) -> str | None:
     return first if can[first] else second if can[second] else None
 
 
+def set_aside_damaged(out: Path) -> None:
+    """Rank 0: while the last finished round of OUT is damaged (a file that differs from its checksum, a missing
+    or unreadable one, a record that does not parse), say so by path and rename it round_<t>.damaged-<time>, so
+    the run resumes from the last intact round and redoes the rest. Nothing is deleted."""
+    for t in reversed(finished_rounds(out)):
+        path = out / f"round_{t}"
+        why = verify_checkpoint(path, required=("config.json", "ptl_record.json", "model.safetensors"))
+        if why is None:
+            try:
+                load_record(path)
+                return
+            except (OSError, json.JSONDecodeError) as e:
+                why = f"ptl_record.json is unreadable ({e})"
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(path, aside)
+        print0(f"{path} is damaged: {why}. Moved it to {aside}; resuming from the round before it")
+
+
 def resume_or_start(cfg: Config, d) -> tuple:
     """(model, tokenizer, state) after the last finished round in OUT, or the dense model and a fresh state.
 
@@ -468,7 +581,8 @@ def resume_or_start(cfg: Config, d) -> tuple:
     done = finished_rounds(out)
     if done:
         rec = load_record(out / f"round_{done[-1]}")
-        changed = {k: (v, getattr(cfg, k)) for k, v in rec["config"].items() if k not in RESUMABLE and getattr(cfg, k) != v}
+        changed = {k: (v, getattr(cfg, k)) for k, v in rec["config"].items()
+                   if k not in RESUMABLE and getattr(cfg, k) != v}
         if changed:
             raise ValueError(f"{out} holds a run made with other settings {changed} (old, new); "
                              "repeat its flags to resume, or use another --out")
@@ -484,26 +598,32 @@ def resume_or_start(cfg: Config, d) -> tuple:
     if cfg.baseline == "shortgpt":
         left = {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
     else:
-        left = {"neurons": neuron_budget(model, cfg), "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
+        left = {"neurons": neuron_budget(model, cfg),
+                "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
     dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I}
     return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
                         "kept_neurons": [list(range(I)) for _ in range(L)]}
 
 
-def round_scores(model, calib, protect, cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
-    """(neuron (L, I), layer (L,)) scores of the current model, lower = more redundant, with protection."""
+def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(neuron (L, I), layer (L,)) scores of the current model before round t, lower = more redundant, with
+    language protection. The released rule reads its own input (append_last_token) and n (--released-top-n)."""
     hooked = cfg.layer_rule if cfg.layer_rule in ("distance", "bi") else None
-    r = score_pass(model, calib, neuron_rule=cfg.neuron_rule, layer_rule=hooked, top_n=cfg.released_top_n)
-    if hooked is None:  # whole-model criteria: extra passes over the calibration data
-        r["layer"] = {"ppl": perplexity_scores, "taylor": taylor_scores}[cfg.layer_rule](model, calib)
     if cfg.neuron_rule == "eq4":
+        r = score_pass(model, calib, neuron_rule="eq4", layer_rule=hooked)
         s = r["neuron"]
         if protect is not None:
             s = protect_top(s, score_pass(model, protect, layer_rule=None)["neuron"], cfg.protect_frac)
     else:
-        g = score_pass(model, protect, neuron_rule="released", layer_rule=None, top_n=cfg.released_top_n,
-                       largest=True) if protect is not None else {"neuron": None, "samples": 0}
+        n = cfg.top_n(t)
+        r = score_pass(model, [append_last_token(b) for b in calib], neuron_rule="released", layer_rule=None, top_n=n)
+        g = score_pass(model, [append_last_token(b) for b in protect], neuron_rule="released", layer_rule=None,
+                       top_n=n, largest=True) if protect is not None else {"neuron": None, "samples": 0}
         s = released_scores(r["neuron"], r["samples"], g["neuron"], g["samples"])
+        if hooked:  # layers are scored on the texts themselves, without the copy
+            r["layer"] = score_pass(model, calib, neuron_rule=None, layer_rule=hooked)["layer"]
+    if hooked is None:  # whole-model criteria: extra passes over the calibration data
+        r["layer"] = {"ppl": perplexity_scores, "taylor": taylor_scores}[cfg.layer_rule](model, calib)
     return s.cpu(), r["layer"].cpu()
 
 
@@ -525,9 +645,7 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path):
     summaries = {}
     for kind in cfg.recovery.split("+"):
         module = {"cpt": recover, "grpo": grpo}[kind]
-        rc = parse_config(module.Config, shlex.split(getattr(cfg, f"{kind}_flags")))
-        if not rc.samples:
-            raise ValueError(f"--recovery {kind} needs a data size per round: --{kind}-flags '--samples N ...'")
+        rc = cfg.flags_for(kind)
         rc = replace(rc, out=str(work / kind), data_offset=(t - 1) * rc.samples, device=cfg.device)
         if kind == "cpt":
             data = load_texts(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset)
@@ -543,7 +661,7 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path):
 def evaluate_round(model, tok, cfg: Config) -> dict:
     """evaluate.py's metrics of the current model with --eval-flags, per-question samples left out."""
     ev = import_evaluate()
-    ecfg = replace(parse_config(ev.Config, shlex.split(cfg.eval_flags)), device=cfg.device)
+    ecfg = replace(ev.parse_config_of(cfg.eval_flags, within="--eval-flags"), device=cfg.device)
     res = ev.evaluate_model(model, tok, ecfg)
     return {task: {k: v for k, v in r.items() if k != "samples"} for task, r in res.items()}
 
@@ -561,7 +679,8 @@ def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, st
         else:
             k = step if left is None else (neuron_schedule(left, step) or [0])[0]
         if k >= I:
-            raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --sigma-neuron or --target-ratio")
+            raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --sigma-neuron or "
+                             "--target-ratio")
         removed = [lowest(s_neu[l], k) for l in range(L)]
         if any(s_neu[l, r].isinf().any() for l, r in enumerate(removed)):
             raise ValueError(f"round {t} must remove {k} neurons per layer, but a layer has fewer unprotected ones")
@@ -594,6 +713,56 @@ def apply_removal(model, kind: str, what, state: dict) -> dict:
     return rec
 
 
+def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict) -> dict | None:
+    """Algorithm 1 line 7: remove what this round's scores mark (neurons, layers, or with a baseline both at
+    once) from the model and the state; the round's record, or None when nothing is redundant any more."""
+    rec = None
+    for k in ("neurons", "layers") if kind == "once" else (kind,):  # layer indices are unchanged by neurons
+        what = removal(k, s_neu, s_lay, cfg, state)
+        if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma (or nothing is left): this kind is done
+            state["left"][k] = 0
+            continue
+        r = apply_removal(model, k, what, state)
+        rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
+    return rec
+
+
+def round_line(rec: dict, model) -> str:
+    """The progress line of a finished round."""
+    kind, after, P0 = rec["kind"], rec["params_after"]["total"], rec["dense"]["params"]["total"]
+    cut = (f"-{rec['neurons_per_layer'] or len(rec['removed_layers'])}" if kind in ("neurons", "layers") else
+           f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
+    ev = import_evaluate()
+    return (f"round {rec['round']} | {kind} {cut} | width {model.config.intermediate_size} | layers "
+            f"{model.config.num_hidden_layers} | params {human(after)} ({1 - after / P0:.1%} removed) | "
+            f"{rec['time_s']:.1f}s" + "".join(f" | {ev.summary_line(name, rec[key])}" for key, name in
+                                              (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in rec
+                                                                             else "pruned")) if key in rec))
+
+
+def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config) -> str:
+    """What a run did, in a few lines: the size, each round's quality (dense -> pruned -> recovered), where the
+    checkpoints are, and what to run next."""
+    last = load_record(out / f"round_{finished_rounds(out)[-1]}")
+    P0, P = last["dense"]["params"]["total"], last["params_after"]["total"]
+    lines = [f"done: {human(P0)} -> {human(P)} parameters ({1 - P / P0:.1%} removed) in {last['round']} rounds: "
+             f"{last['dense']['num_hidden_layers']} -> {len(last['kept_layers'])} layers, FFN width "
+             f"{last['dense']['intermediate_size']} -> {len(last['kept_neurons'][0])}"]
+    ev = import_evaluate()
+    if dense_eval:
+        lines.append(f"  {ev.summary_line('dense', dense_eval)}")
+    for r in records:
+        lines += [f"  round {r['round']}: {ev.summary_line(name, r[key])}" for key, name in
+                  (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in r else "pruned")) if key in r]
+    model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
+    lines += [f"checkpoints (ordinary Hugging Face ones): {out}/round_1 .. round_{last['round']}",
+              f"next: python evaluate.py --model {model} --compare {out}/round_{last['round']} --tasks offline "
+              "--limit 200     # accuracy and speed against the dense model"]
+    if dense_eval:
+        lines.append(f"      python evaluate.py --report {out}     # report.md and rounds.png: the curve per round")
+    return "\n".join(lines)
+
+
 def main(cfg: Config) -> dict:
     d = setup_dist(cfg.device)
     out = Path(cfg.out)
@@ -601,67 +770,94 @@ def main(cfg: Config) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".round_*.tmp-*"):  # left by a killed run; never a finished round
             shutil.rmtree(stale, ignore_errors=True)
+        set_aside_damaged(out)
+    barrier()
     model, tok, state = resume_or_start(cfg, d)
-
-    def shard(spec: str, n: int) -> list[dict]:  # each rank scores its own batches; score_pass combines them
-        texts = load_texts(spec, n=n, seed=cfg.seed)
-        return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
-
-    if cfg.eval_every_round and state["round"] == 0 and not (out / "dense_eval.json").exists():
-        dense_eval = evaluate_round(model, tok, cfg)  # the dense row of the report (round 0)
-        if d.main:
-            atomic_write_json(out / "dense_eval.json", dense_eval)
-        print0(import_evaluate().summary_line("dense", dense_eval))
-    calib = shard(cfg.calib_data, cfg.calib_samples)
-    protect = shard(cfg.protect_data, cfg.protect_samples) if cfg.protect_data else None
-    records, P0 = [], state["dense"]["params"]["total"]
-    order, rcfg = cfg.order, cfg
+    calibration = calibration_texts(cfg, tok, d)
+    dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
+    records, order, rcfg = [], cfg.order, cfg
     if cfg.baseline != "none":  # one round takes all that is left; ShortGPT ranks layers by Block Influence
-        order = "once"
-        rcfg = replace(cfg, neuron_step=1.0, layer_step=10**9, layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
-    while (kind := next_kind(order, state["round"] + 1, state["left"])) and not (cfg.rounds and state["round"] >= cfg.rounds):
-        t0, before = time.time(), count_params(model)
-        s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg)
-        rec = None
-        for k in ("neurons", "layers") if kind == "once" else (kind,):  # layer indices are unchanged by neurons
-            what = removal(k, s_neu, s_lay, rcfg, state)
-            if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma (or nothing is left): this kind is done
-                state["left"][k] = 0
-                continue
-            r = apply_removal(model, k, what, state)
-            rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
+        order = "once"  # rcfg is the round's rule, not user flags: as baseline "none" it is not refused as such
+        rcfg = replace(cfg, baseline="none", neuron_step=1.0, layer_step=10**9,
+                       layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
+    while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
+        t, t0, before = state["round"] + 1, time.time(), count_params(model)
+        calib, protect = calibration(t)
+        s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg, t)  # lines 4-6
+        rec = prune_round(model, kind, s_neu, s_lay, rcfg, state)  # line 7
         if rec is None:
             continue
-        state["round"] += 1
-        kind = cfg.baseline if kind == "once" else kind
-        work = out / f".recovery_round_{state['round']}"  # resumable recovery state; removed once the round is saved
+        state["round"] = t
+        work = out / f".recovery_round_{t}"  # resumable recovery state; removed once the round is saved
+        if cfg.eval_every_round and cfg.recovery != "none":
+            rec["eval_pruned"] = evaluate_round(model, tok, cfg)  # the damage, before recovery repairs it
         if cfg.recovery != "none":
-            model, rec["recovery"] = recover_round(model, tok, cfg, state["round"], work)
+            model, rec["recovery"] = recover_round(model, tok, cfg, t, work)  # lines 9-10
         if cfg.eval_every_round:
             rec["eval"] = evaluate_round(model, tok, cfg)
-        after = count_params(model)
-        rec.update(copy.deepcopy(state), kind=kind, params_before=before, params_after=after,
-                   scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]), layer_rule=rcfg.layer_rule,
-                   time_s=time.time() - t0, config=asdict(cfg))
-        save_checkpoint(out / f"round_{rec['round']}", model, tok, json_files={"ptl_record.json": rec},
+        rec["calibration"] = {"data": cfg.calib_data, "rows": calibration.rows(t)}
+        rec.update(copy.deepcopy(state), kind=cfg.baseline if kind == "once" else kind, params_before=before,
+                   params_after=count_params(model), scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]),
+                   layer_rule=rcfg.layer_rule, time_s=time.time() - t0, config=asdict(cfg))
+        save_checkpoint(out / f"round_{t}", model, tok, json_files={"ptl_record.json": rec},
                         tensors={"scores.safetensors": {"neuron_scores": s_neu, "layer_scores": s_lay}},
                         copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
         if d.main:
             shutil.rmtree(work, ignore_errors=True)
         records.append(rec)
-        cut = (f"-{rec['neurons_per_layer'] or len(rec['removed_layers'])}" if kind in ("neurons", "layers") else
-               f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
-        print0(f"round {rec['round']} | {kind} {cut} | width "
-               f"{model.config.intermediate_size} | layers {model.config.num_hidden_layers} | params "
-               f"{human(after['total'])} ({1 - after['total'] / P0:.1%} removed) | {rec['time_s']:.1f}s"
-               + (" | " + import_evaluate().summary_line("eval", rec["eval"]) if "eval" in rec else ""))
+        print0(round_line(rec, model))
     final = count_params(model)
     result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
-              "params": final, "removed_ratio": 1 - final["total"] / P0, "records": records}
+              "params": final, "removed_ratio": 1 - final["total"] / state["dense"]["params"]["total"],
+              "records": records}
+    if not state["round"]:
+        print0(f"{out}: no round removed anything (the thresholds found nothing redundant)")
+    elif not records:
+        print0(f"{out}: nothing left to do; the last round is {result['out']}")
+    else:
+        print0(summary(out, records, dense_eval, cfg))
     cleanup_dist()
     return result
 
 
+def dense_evaluation(model, tok, cfg: Config, out: Path, state: dict) -> dict | None:
+    """The dense row of the report (round 0): evaluated at the start of a run into dense_eval.json, read back
+    when a run resumes (None if a run made without --eval-every-round resumes with it)."""
+    path = out / "dense_eval.json"
+    if state["round"] == 0 and not path.exists():
+        res = evaluate_round(model, tok, cfg)
+        if is_main():
+            atomic_write_json(path, res)
+        print0(import_evaluate().summary_line("dense", res))
+        return res
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def calibration_texts(cfg: Config, tok, d):
+    """calibration(t) -> (calibration batches, --protect-data batches or None) of round t: this rank's share of
+    rows (t-1)n .. tn with --calib-per-round, else rows 0 .. n every round (built once); calibration.rows(t)."""
+    cache: dict = {}
+
+    def shard(spec: str, n: int, t: int) -> list[dict]:  # each rank scores its own batches; score_pass combines them
+        texts = load_texts(spec, n=n, seed=cfg.seed, offset=(t - 1) * n)
+        return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
+
+    def calibration(t: int) -> tuple[list, list | None]:
+        t = t if cfg.calib_per_round else 1
+        if t not in cache:
+            cache.clear()
+            cache[t] = (shard(cfg.calib_data, cfg.calib_samples, t),
+                        shard(cfg.protect_data, cfg.protect_samples, t) if cfg.protect_data else None)
+        return cache[t]
+
+    def rows(t: int) -> list[int]:
+        t = t if cfg.calib_per_round else 1
+        return [(t - 1) * cfg.calib_samples, t * cfg.calib_samples]
+
+    calibration.rows = rows
+    return calibration
+
+
 if __name__ == "__main__":
     unshadow_evaluate()  # lm-eval tasks that `import evaluate` must get Hugging Face's, not our evaluate.py
-    main(parse_config(Config))
+    run_cli(main, Config)

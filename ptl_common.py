@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import bisect
 import dataclasses
+import errno
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -15,9 +17,13 @@ import json
 import os
 import re
 import shutil
+import socket
+import statistics
 import sys
+import time
 import types
 import typing
+import urllib.parse
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,11 +33,27 @@ import torch.distributed as dist
 # ----------------------------------------------------------------------------- config
 
 
-def parse_config(cls, argv: list[str] | None = None):
-    """`--kebab-case` flags from the fields of dataclass `cls`; defaults live only in the dataclass."""
+class _NestedParser(argparse.ArgumentParser):
+    """A parser for flags handed on inside another flag (ptl.py --cpt-flags "..."): errors raise ValueError
+    naming that flag, instead of printing this script's usage and exiting."""
+
+    def error(self, message):
+        raise ValueError(f"{self.prog}: {message}")
+
+
+def flag(default, help: str):
+    """A Config field with its --help text: `lr: float = flag(1e-4, "peak learning rate")`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def parse_config(cls, argv: list[str] | None = None, *, within: str = ""):
+    """`--kebab-case` flags from the fields of dataclass `cls`; defaults live only in the dataclass. `within`
+    names the flag that carried argv (e.g. --cpt-flags), for the error message."""
     hints = typing.get_type_hints(cls)
     doc = (cls.__doc__ or "").strip()
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = (_NestedParser(prog=within, add_help=False) if within else argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="--debug: show the Python traceback of an error (otherwise one line)"))
     for f in dataclasses.fields(cls):
         t, kw = hints[f.name], {"default": f.default, "help": f.metadata.get("help", " ")}
         if typing.get_origin(t) in (typing.Union, types.UnionType):  # `float | None` -> float
@@ -43,7 +65,42 @@ def parse_config(cls, argv: list[str] | None = None):
         else:
             kw["type"] = t
         p.add_argument("--" + f.name.replace("_", "-"), **kw)
-    return cls(**vars(p.parse_args(argv)))
+    try:
+        return cls(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        raise ValueError(f"{within}: {e}") if within and not str(e).startswith(within) else e
+
+
+def check_ranges(cfg, *, positive: tuple = (), non_negative: tuple = ()) -> None:
+    """Refuse, in one line naming each flag, values out of range: `positive` fields must be > 0 (a count >= 1),
+    `non_negative` ones >= 0; None (an unset optional threshold) passes."""
+    def bad(names, ok, need):
+        return [f"--{k.replace('_', '-')} {getattr(cfg, k)} (need {need})" for k in names
+                if getattr(cfg, k) is not None and not ok(getattr(cfg, k))]
+    wrong = bad(positive, lambda v: v > 0, "> 0") + bad(non_negative, lambda v: v >= 0, ">= 0")
+    if wrong:
+        raise ValueError("out of range: " + ", ".join(wrong))
+
+
+# A user's mistake or a refused input: a bad value, a missing file or model, malformed data, an unsupported
+# model, a full disk, a run stopped on purpose (NaN). Reported in one line; anything else keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ModuleNotFoundError, FloatingPointError)
+
+
+def run_cli(main, cls, argv: list[str] | None = None) -> None:
+    """`python script.py ...`: main(parse_config(cls, argv)), with a user error (USER_ERRORS) reported the way
+    argparse reports a bad flag: one line `script.py: error: ...` on stderr and exit status 2 (rank 0 only under
+    torchrun). --debug raises it instead, with its traceback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    try:
+        main(parse_config(cls, [a for a in argv if a != "--debug"]))
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{Path(sys.argv[0]).name}: error: {str(e).strip() or type(e).__name__}", file=sys.stderr)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -97,9 +154,36 @@ def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     return t
 
 
+def all_reduce_dict(values: dict[str, float], device, op: str = "sum") -> dict[str, float]:
+    """{name: value} summed (or maxed) over ranks, in float64: a named reduction instead of indexing a tensor."""
+    t = all_reduce_(torch.tensor(list(values.values()), dtype=torch.float64, device=device), op)
+    return dict(zip(values, t.tolist()))
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def alternate(fns: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """{name: seconds of each of `repeats` timed calls} of every fn in `fns`, after `warmup` untimed rounds; the
+    fns alternate within every round, so that the drift of a shared, noisy machine hits all of them alike."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[k].append(time.perf_counter() - t)
+    return times
+
+
+def spread(times: list[float]) -> float:
+    """(max - min) / median of repeated timings: how far one run could be from another."""
+    return (max(times) - min(times)) / statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- atomic writes
@@ -129,21 +213,22 @@ def atomic_dir(final: str | Path):
     try:
         yield tmp
         os.rename(tmp, final)
-    except OSError as e:
+    except BaseException as e:
+        full = isinstance(e, Exception) and shutil.disk_usage(tmp.parent).free < (16 << 20)
         shutil.rmtree(tmp, ignore_errors=True)
-        if final.exists():
+        if full:  # torch says "unexpected pos", safetensors "IoError": say what happened, and where
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {final}; free some space and re-run "
+                                        "the same command to resume") from e
+        if isinstance(e, OSError) and final.exists():
             raise FileExistsError(f"{final} already exists; not overwriting it") from e
-        raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
 def save_checkpoint(path: str | Path, model, tok, *, json_files: dict | None = None, tensors: dict | None = None,
                     copies: dict | None = None) -> None:
     """Rank 0 writes an HF checkpoint (model + tokenizer) plus extra JSON / safetensors files (and copies of
-    the files in `copies`, {name: source}) into a temporary directory and renames it to `path`; every rank
-    waits until it is there."""
+    the files in `copies`, {name: source}) into a temporary directory, then checksums.json (the SHA-256 of every
+    file, which verify_checkpoint checks), and renames it to `path`; every rank waits until it is there."""
     from safetensors.torch import save_file
 
     if is_main():
@@ -157,12 +242,41 @@ def save_checkpoint(path: str | Path, model, tok, *, json_files: dict | None = N
                 save_file({k: v.detach().cpu().contiguous() for k, v in named.items()}, tmp / name)
             for name, src in (copies or {}).items():
                 shutil.copy(src, tmp / name)
+            atomic_write_json(tmp / CHECKSUMS, {f.name: sha256(f) for f in sorted(tmp.iterdir()) if f.is_file()})
     barrier()
+
+
+CHECKSUMS = "checksums.json"
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_checkpoint(path: str | Path, required: tuple = ("config.json",)) -> str | None:
+    """Why the checkpoint directory `path` cannot be trusted, or None if it is intact: every file that its
+    checksums.json lists has that SHA-256 (a checkpoint written before checksums existed only needs `required`)."""
+    path = Path(path)
+    try:
+        sums = json.loads((path / CHECKSUMS).read_text()) if (path / CHECKSUMS).exists() else {}
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{CHECKSUMS} is unreadable ({e})"
+    for name in [*required, *sums]:
+        if not (path / name).is_file():
+            return f"{name} is missing"
+        if name in sums and sha256(path / name) != sums[name]:
+            return f"{name} is not what was written (its SHA-256 differs from {CHECKSUMS})"
+    return None
 
 
 def finished_rounds(out: str | Path) -> list[int]:
     """Round numbers t with a complete OUT/round_<t>/ of a PTL run (directories appear only when complete)."""
-    found = (re.fullmatch(r"round_(\d+)", p.name) for p in Path(out).glob("round_*") if (p / "ptl_record.json").exists())
+    found = (re.fullmatch(r"round_(\d+)", p.name) for p in Path(out).glob("round_*")
+             if (p / "ptl_record.json").exists())
     return sorted(int(m[1]) for m in found if m)
 
 
@@ -263,6 +377,21 @@ def resolve_model(name: str) -> str:
     return str(p) if p.exists() else name
 
 
+@functools.cache
+def hub_unreachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (HF_ENDPOINT) refuses a TCP connection within `timeout` s: then a hub name fails
+    at once with one line, instead of after the libraries' retries. False under HF_HUB_OFFLINE=1: the user has
+    chosen offline mode, and the libraries read their caches themselves."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return False
+    except OSError:
+        return True
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "cpu", attn: str | None = None):
     """(model, tokenizer) from `smollm2-135m`, a local checkpoint directory or a hub name, in eval mode.
 
@@ -273,14 +402,15 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
     device = torch.device(device)
     if dtype == "auto":  # bf16 where it is fast (CUDA), fp32 on CPU
         dtype = "bfloat16" if device.type == "cuda" else "float32"
+    local = Path(path).is_dir() or hub_unreachable()  # offline: the cache at once, not after minutes of retries
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                                     local_files_only=local)
     except OSError as e:
-        raise FileNotFoundError(
-            f"Could not load model {name!r}: it is neither a local checkpoint directory nor reachable on the "
-            f"Hugging Face hub ({e}). Offline, use --model {DEFAULT_MODEL} or a local checkpoint directory."
-        ) from e
+        why = "the Hugging Face hub cannot be reached and it is not in the cache" if local else str(e).splitlines()[0]
+        raise FileNotFoundError(f"Could not load model {name!r}: it is not a local checkpoint directory, and {why}. "
+                                f"Offline, use --model {DEFAULT_MODEL} or a local checkpoint directory.") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
@@ -304,33 +434,53 @@ QA_FIELDS = (("question", "answer"), ("problem", "solution"), ("query", "respons
 
 
 def record_text(rec: dict, where: str) -> str:
-    """The paper's reasoning sequence: "Question: q Answer: a", or a record's own `text` (`content`: StarCoder)."""
+    """The paper's reasoning sequence: "Question: q Answer: a", or a record's own `text` (`content`: StarCoder).
+    A field of the right name that holds no text (a number, a list, an empty string) is named as the problem."""
     for k in ("text", "content"):
-        if isinstance(rec.get(k), str):
-            return rec[k]
+        if k in rec:
+            return text_field(rec, k, where)
     for q, a in QA_FIELDS:
-        if isinstance(rec.get(q), str) and isinstance(rec.get(a), str):
-            return f"Question: {rec[q]} Answer: {rec[a]}"
+        if q in rec and a in rec:
+            return f"Question: {text_field(rec, q, where)} Answer: {text_field(rec, a, where)}"
     raise ValueError(
         f"{where}: record has fields {sorted(rec)}; expected `text`, `content` or one of "
         + ", ".join(f"{q}/{a}" for q, a in QA_FIELDS)
     )
 
 
+def text_field(rec: dict, key: str, where: str) -> str:
+    v = rec[key]
+    if not isinstance(v, str):
+        raise ValueError(f"{where}: field `{key}` is {type(v).__name__} {str(v)[:40]!r}, not text")
+    if not v.strip():
+        raise ValueError(f"{where}: field `{key}` is empty; remove the record or fill it in")
+    return v
+
+
+def text_lines(path: str | Path):
+    """(line number, line) of a UTF-8 text file; a line that is not UTF-8 (a binary file) raises with its number."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            try:
+                yield i, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                 "give a text file (JSON lines, or one document per line)") from None
+
+
 def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     """[(\"file:line\", record)] from a JSON-lines file; a malformed line raises with its line number."""
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-            rows.append((f"{path}:{i}", rec))
+    for i, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
+        rows.append((f"{path}:{i}", rec))
     if not rows:
         raise ValueError(f"{path} is empty: it holds no records")
     return rows
@@ -348,7 +498,7 @@ def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
             check(rec, where)
         return rows
     if p.suffix == ".txt":  # plain text, one document per line (e.g. a general-English corpus)
-        lines = [(f"{p}:{i}", {"text": s.strip()}) for i, s in enumerate(p.read_text().splitlines(), 1) if s.strip()]
+        lines = [(f"{p}:{i}", {"text": s.strip()}) for i, s in text_lines(p) if s.strip()]
         if not lines:
             raise ValueError(f"{p} is empty: it holds no text lines")
         return lines
@@ -364,6 +514,10 @@ def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
     # "Salesforce/wikitext:wikitext-103-raw-v1" names a config; "bigcode/starcoderdata:data_dir=python" a subfolder
     name, _, config = src.partition(":")
     kw = {"data_dir": config.partition("=")[2]} if config.startswith("data_dir=") else {"name": config or None}
+    if hub_unreachable():
+        raise FileNotFoundError(f"{src!r} is not a local file, and the Hugging Face hub, where it would be a dataset, "
+                                "cannot be reached. Offline, use `offline` or a local .jsonl/.parquet file (or set "
+                                "HF_HUB_OFFLINE=1 to read the datasets cache).")
     try:
         return _Rows(datasets.load_dataset(name, split=split, **kw), src)
     except Exception as e:  # noqa: BLE001  any hub failure: offline, typo, gated
@@ -416,6 +570,73 @@ def load_rows(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "tr
         check(rec, where)
         rows.append((where, rec))
     return rows
+
+
+# ----------------------------------------------------------------------------- answers and grading
+# Shared by evaluation (evaluate.py) and rewards (grpo.py), so that neither depends on the other.
+
+
+def last_boxed(text: str, fbox: bool = True) -> str | None:
+    """The content of the last brace-balanced \\boxed{...} (or, with fbox, \\fbox{...}) in text, else None.
+    Evaluation reads \\fbox as lm-eval's MATH graders do; rewards read \\boxed only, as EasyR1's format rule
+    and its grader (mathruler) do, so that a response is never accurate without being formatted."""
+    start = max(text.rfind("\\boxed{"), text.rfind("\\fbox{") if fbox else -1)
+    if start < 0:
+        return None
+    i, depth = text.index("{", start), 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1 : j]
+    return None  # unbalanced: an unfinished box is no answer
+
+
+def math_equal(pred: str | None, gold: str, timeout: float = 5.0) -> bool | None:
+    """pred == gold as mathematics (math-verify: 0.5 == \\frac12 == \\frac{2}{4}, 1,000 == 1000), or None when it
+    cannot be decided: the gold answer does not parse, sympy fails on the comparison, or math-verify times out.
+    The caller reports None (evaluation counts it wrong, a reward is skipped), never silently. No prediction, or
+    one that does not parse, is wrong."""
+    from math_verify import parse, verify
+    from math_verify.errors import TimeoutException
+
+    if pred is not None and pred.strip() == gold.strip():
+        return True
+    t = max(1, int(timeout))  # whole seconds: a float makes math-verify's alarm return nothing
+    try:  # raise_on_error: by default math-verify turns a timeout into "wrong", the silent 0 we refuse
+        g = parse(f"${gold}$", parsing_timeout=t, raise_on_error=True)
+        if not g:
+            return None
+        if pred is None:
+            return False
+        return bool(verify(g, parse(f"${pred}$", parsing_timeout=t), timeout_seconds=t, raise_on_error=True))
+    except TimeoutException:
+        return None
+    except Exception:  # noqa: BLE001  sympy failed on the gold answer or the comparison: undecidable
+        return None
+
+
+def question_answer(rec: dict, where: str) -> tuple[str, str]:
+    """(question, gold answer) of a record: problem/question + answer (GSM8K's "... #### N" -> N), offline's
+    `final`, or the last \\boxed{} of a MATH-style solution."""
+    q = next((rec[k] for k in ("problem", "question", "query") if isinstance(rec.get(k), str)), None)
+    a = rec.get("final", rec.get("answer"))
+    if isinstance(a, (int, float)):
+        a = str(a)
+    if isinstance(a, str) and "####" in a:
+        a = a.split("####")[-1].strip().replace(",", "")
+    if a is None and isinstance(rec.get("solution"), str):
+        a = last_boxed(rec["solution"])
+    if q is None or not a:
+        raise ValueError(f"{where}: record has fields {sorted(rec)}; a graded problem needs a question "
+                         "(problem/question) and a gold answer (answer, or a solution with \\boxed{})")
+    return q, a
+
+
+def chat_prompt(tok, content: str) -> str:
+    """One user turn through the tokenizer's chat template, with the assistant's turn opened."""
+    if not tok.chat_template:
+        raise ValueError("--prompt chat needs a tokenizer with a chat template; use --prompt fewshot")
+    return tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
 
 
 def held_out(question: str) -> bool:

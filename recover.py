@@ -30,7 +30,7 @@ import os
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +42,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, cleanup_dist,
-                        is_main, load_model, load_texts, parse_config, setup_dist)
+from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, check_ranges,
+                        cleanup_dist, flag, is_main, load_model, load_texts, print0, run_cli, setup_dist)
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -90,11 +90,11 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 # ----------------------------------------------------------------------------- distribution and state
 
 
-def wrap(model, cfg: "Config", d: Dist):
-    """DDP (or FSDP2 per decoder layer with --fsdp) under torchrun; the model itself in one process."""
+def wrap(model, d: Dist, *, fsdp: bool = False):
+    """DDP (or, with fsdp, FSDP2 per decoder layer) under torchrun; the model itself in one process."""
     if d.world == 1:
         return model
-    if not cfg.fsdp:
+    if not fsdp:
         return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
     from torch.distributed.fsdp import fully_shard
 
@@ -169,39 +169,58 @@ def load_state(path: Path, model, opt) -> dict:
 @dataclass
 class Config:
     """Continual pre-training on reasoning text: PTL's recovery step (paper Section 2.2)."""
-    model: str = field(default=DEFAULT_MODEL, metadata={"help": "smollm2-135m, a checkpoint dir (e.g. a PTL round) or a hub name"})
-    data: str = field(default="offline", metadata={
-        "help": "comma-separated: offline | .jsonl/.parquet | hub names (paper: AI-MO/NuminaMath-CoT,meta-math/MetaMathQA)"})
-    samples: int = field(default=0, metadata={"help": "texts to train on (0: every row; offline needs a number)"})
-    data_offset: int = field(default=0, metadata={"help": "first row of this run's slice of the shuffled data"})
-    out: str = field(default="out/cpt", metadata={"help": "final HF checkpoint, metrics.jsonl, checkpoints/"})
-    max_length: int = field(default=1024, metadata={"help": "tokens per packed block (paper 1024; released yamls 512)"})
-    global_batch: int = field(default=32, metadata={"help": "blocks per optimizer step (paper and yamls: 32)"})
-    micro_batch: int = field(default=2, metadata={"help": "blocks per forward on one rank"})
-    lr: float = field(default=8e-6, metadata={"help": "peak lr (paper 8e-6; released Llama/Qwen yamls 4e-6)"})
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    epochs: int = 1
-    max_steps: int = field(default=0, metadata={"help": "optimizer steps (0: epochs over the data)"})
-    grad_ckpt: bool = field(default=False, metadata={"help": "non-reentrant gradient checkpointing"})
-    fsdp: bool = field(default=False, metadata={"help": "FSDP2 per decoder layer instead of DDP"})
-    save_every: int = field(default=0, metadata={"help": "steps between resumable checkpoints (0: none)"})
-    keep_every: int = field(default=0, metadata={
-        "help": "also keep the weights every N steps as OUT/step_<N>/, a plain HF checkpoint (a learning curve)"})
-    precision: Literal["auto", "fp32", "bf16"] = field(default="auto", metadata={
-        "help": "matmul precision under fp32 master weights: bf16 autocast, or fp32; auto = bf16 on CUDA, fp32 on CPU"})
-    seed: int = 0
-    device: str = "auto"
+    model: str = flag(DEFAULT_MODEL, "smollm2-135m, a checkpoint dir (e.g. a PTL round) or a hub name")
+    data: str = flag("offline", "comma-separated: offline | .jsonl/.parquet | hub names (paper: "
+                                "AI-MO/NuminaMath-CoT,meta-math/MetaMathQA)")
+    samples: int = flag(0, "texts to train on (0: every row; offline needs a number)")
+    data_offset: int = flag(0, "first row of this run's slice of the shuffled data")
+    out: str = flag("out/cpt", "final HF checkpoint, metrics.jsonl, checkpoints/")
+    max_length: int = flag(1024, "tokens per packed block (paper 1024; released yamls 512)")
+    global_batch: int = flag(32, "blocks per optimizer step (paper and yamls: 32)")
+    micro_batch: int = flag(2, "blocks per forward on one rank")
+    lr: float = flag(8e-6, "peak lr (paper 8e-6; released Llama/Qwen yamls 4e-6)")
+    warmup_ratio: float = flag(0.05, "share of the steps with a linear warmup (paper)")
+    weight_decay: float = flag(0.0, "AdamW weight decay")
+    max_grad_norm: float = flag(1.0, "gradient clipping by global norm")
+    epochs: int = flag(1, "passes over the data (paper: 1)")
+    max_steps: int = flag(0, "optimizer steps (0: epochs over the data)")
+    grad_ckpt: bool = flag(False, "non-reentrant gradient checkpointing")
+    fsdp: bool = flag(False, "FSDP2 per decoder layer instead of DDP")
+    save_every: int = flag(0, "steps between resumable checkpoints (0: none)")
+    keep_every: int = flag(0, "also keep the weights every N steps as OUT/step_<N>/, a plain HF checkpoint (a "
+                              "learning curve)")
+    precision: Literal["auto", "fp32", "bf16"] = flag("auto", "matmul precision under fp32 master weights: bf16 "
+                                                              "autocast, or fp32; auto = bf16 on CUDA, fp32 on CPU")
+    seed: int = flag(0, "which texts are drawn, and the order of the blocks")
+    device: str = flag("auto", "auto (CUDA if present), cpu, cuda, ...")
 
     def __post_init__(self):
+        check_ranges(self, positive=("global_batch", "micro_batch", "lr", "epochs", "max_grad_norm"),
+                     non_negative=("samples", "data_offset", "max_steps", "save_every", "keep_every", "warmup_ratio",
+                                   "weight_decay"))
         if self.global_batch < 1 or self.micro_batch < 1 or self.max_length < 2 or self.lr <= 0:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
         if self.keep_every < 0 or self.save_every < 0:
             raise ValueError("need --keep-every >= 0 and --save-every >= 0")
 
 
-RESUMABLE = {"save_every", "keep_every", "device"}  # may change when a run is resumed
+RESUMABLE = {"save_every", "keep_every", "device", "out"}  # may change when a run is resumed
+
+
+def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
+    """(blocks, fingerprint): `texts` tokenised, each ended by EOS, packed into --max-length blocks (see pack), and
+    what identifies them for resuming; refuses data or batch sizes that cannot make one global batch."""
+    if tok.eos_token_id is None:
+        raise ValueError("the tokenizer has no EOS token to separate packed documents")
+    docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
+    data = pack(docs, cfg.max_length, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    N, G, M = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch
+    if G % (M * world):
+        raise ValueError(f"--global-batch {G} must be a multiple of --micro-batch {M} x {world} processes")
+    if N < G:
+        raise ValueError(f"the data packs into {N} blocks of {cfg.max_length} tokens, fewer than one global batch "
+                         f"({G}); use more data, a smaller --global-batch or a shorter --max-length")
+    return data, {"blocks": N, "tokens": int(data["attention_mask"].sum()), "config": asdict(cfg)}
 
 
 def train(model, tok, texts: list[str], cfg: Config) -> dict:
@@ -210,77 +229,45 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     Call on every rank with the same texts. Returns {"model": the trained model, unwrapped ("model" is a fresh
     copy loaded from cfg.out after --fsdp), "steps", "tokens", "loss", "time_s"}. Resumes from cfg.out."""
     d, out = setup_dist(cfg.device), Path(cfg.out)
-    if (out / "train_summary.json").exists():  # finished earlier: nothing to redo
-        return {**json.loads((out / "train_summary.json").read_text()), "model": reload(model, out, d)}
-    if tok.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token to separate packed documents")
-    docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
-    data = pack(docs, cfg.max_length, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    data, fingerprint = packed(tok, texts, cfg, d.world)
+    if (done := finished(out, fingerprint)) is not None:
+        return {**done, "model": reload(model, out, d)}
     N, G, M, W = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch, d.world
-    if G % (M * W):
-        raise ValueError(f"--global-batch {G} must be a multiple of --micro-batch {M} x {W} processes")
-    accum, per_epoch = G // (M * W), math.ceil(N / G)
-    if N < G:
-        raise ValueError(f"the data packs into {N} blocks of {cfg.max_length} tokens, fewer than one global batch "
-                         f"({G}); use more data, a smaller --global-batch or a shorter --max-length")
-    total = cfg.max_steps or cfg.epochs * per_epoch
+    total = cfg.max_steps or cfg.epochs * math.ceil(N / G)
     warmup = math.ceil(cfg.warmup_ratio * total)
     model.train()
     if cfg.grad_ckpt:  # before wrapping, non-reentrant: works with DDP's no_sync and FSDP2
         checkpointing(model, True)
-    net = wrap(model, cfg, d)
+    net = wrap(model, d, fsdp=cfg.fsdp)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=True)  # one kernel for all parameters: 5x faster than foreach on CPU
-    fingerprint = {"blocks": N, "tokens": int(data["attention_mask"].sum()), "config": asdict(cfg)}
     start, elapsed = resume(out, net, opt, fingerprint)
     autocast = autocast_for(cfg.precision, d.device)
-    log = out / "metrics.jsonl"
     bar = tqdm(total=total, initial=start, desc="recover", disable=not d.main, leave=False)
-    def blocks_of(step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return step_blocks(step, N, G, cfg.seed)
 
-    def trained_tokens(step: int) -> int:
-        idx, live = blocks_of(step)
+    def trained_tokens(step: int) -> int:  # real tokens of the blocks that step trains on
+        idx, live = step_blocks(step, N, G, cfg.seed)
         return int(data["attention_mask"][idx[live]].sum())
 
     t_start, loss = time.time() - elapsed, float("nan")
     tokens = sum(trained_tokens(s) for s in range(start))  # trained before a resume
     for step in range(start, total):
-        t0 = time.perf_counter()
-        batch, live = blocks_of(step)  # this rank takes every W-th run of M blocks of it
-        labels = data["labels"][batch].masked_fill(~live[:, None], -100)  # (G, T): fillers carry no labels
-        n_tok = (labels[:, 1:] != -100).sum()  # labelled tokens in the whole global batch
-        loss_sum = torch.zeros((), device=d.device)
-        for m in range(accum):
-            j = slice((m * W + d.rank) * M, (m * W + d.rank + 1) * M)
-            b = {"input_ids": data["input_ids"][batch[j]].to(d.device), "labels": labels[j].to(d.device),
-                 "attention_mask": data["attention_mask"][batch[j]].to(d.device)}
-            with grad_sync(net, m == accum - 1), autocast:
-                mask = None if b["attention_mask"].all() else b["attention_mask"]  # full blocks: SDPA's causal path
-                # No name holds the (B, T, V) logits, so autograd can free them during backward.
-                ce, _ = token_loss_sum(net(input_ids=b["input_ids"], attention_mask=mask, use_cache=False).logits, b["labels"])
-                # DDP and FSDP average gradients over ranks: x W makes the result sum(ce) / n_tok exactly.
-                (ce * W / n_tok).backward()
-            loss_sum += ce.detach()
-        loss = (all_reduce_(loss_sum) / n_tok).item()
-        if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step + 1}; stopping before the update. The last "
-                                     f"good checkpoint (if any) is in {out / 'checkpoints'}; try a lower --lr.")
-        lr = cosine_lr(step, total, warmup, cfg.lr)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
-        gnorm = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        real = trained_tokens(step)
-        tokens, tok_s = tokens + real, real / (time.perf_counter() - t0)
-        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s}
+        t0, lr = time.perf_counter(), cosine_lr(step, total, warmup, cfg.lr)
+        try:
+            loss, gnorm = train_step(net, opt, data, *step_blocks(step, N, G, cfg.seed), lr=lr, cfg=cfg, d=d,
+                                     autocast=autocast)
+        except FloatingPointError as e:
+            raise FloatingPointError(f"{e} at step {step + 1}; stopping before the update. The last good checkpoint "
+                                     f"(if any) is in {out / 'checkpoints'}; try a lower --lr.") from None
+        tokens += trained_tokens(step)
+        row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
+               "tokens_per_s": trained_tokens(step) / (time.perf_counter() - t0)}
         if d.main:
-            with open(log, "a") as f:
+            with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
             bar.update(1)
-            bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s {tok_s:.0f}")
+            bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s "
+                      f"{row['tokens_per_s']:.0f}")
         if cfg.keep_every and (step + 1) % cfg.keep_every == 0 and step + 1 < total:
             save_weights(out / f"step_{step + 1}", model, net, tok)
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
@@ -288,7 +275,7 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
                        {**fingerprint, "elapsed": time.time() - t_start})
     bar.close()
     summary = {"steps": total, "tokens": tokens, "loss": loss, "time_s": time.time() - t_start, "blocks": N,
-               "global_batch": G, "accum": accum, "world": W, "resumed_at": start}
+               "global_batch": G, "accum": G // (M * W), "world": W, "resumed_at": start, "fingerprint": fingerprint}
     save_final(out, model, net, tok, summary)
     if cfg.grad_ckpt:
         checkpointing(model, False)
@@ -296,10 +283,61 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     return {**summary, "model": reload(model, out, d) if sharded else model.eval()}
 
 
-def resume(out: Path, net, opt, fingerprint: dict) -> tuple[int, float]:
+def train_step(net, opt, data: dict, idx: torch.Tensor, live: torch.Tensor, *, lr: float, cfg: Config, d: Dist,
+               autocast) -> tuple[float, float]:
+    """One optimizer step on the global batch `idx` (G block indices; `live` marks those trained on): this rank's
+    micro-batches, each rank's gradient of sum(token losses) / (labelled tokens of the whole global batch),
+    clipping, AdamW at `lr`. -> (loss, grad norm). A loss that is not finite stops it before the update."""
+    M, W = cfg.micro_batch, d.world
+    labels = data["labels"][idx].masked_fill(~live[:, None], -100)  # (G, T): fillers carry no labels
+    n_tok = (labels[:, 1:] != -100).sum()  # labelled tokens in the whole global batch
+    loss_sum, accum = torch.zeros((), device=d.device), len(idx) // (M * W)
+    for m in range(accum):  # this rank takes every W-th run of M blocks
+        j = slice((m * W + d.rank) * M, (m * W + d.rank + 1) * M)
+        b = {"input_ids": data["input_ids"][idx[j]].to(d.device), "labels": labels[j].to(d.device),
+             "attention_mask": data["attention_mask"][idx[j]].to(d.device)}
+        with grad_sync(net, m == accum - 1), autocast:
+            mask = None if b["attention_mask"].all() else b["attention_mask"]  # full blocks: SDPA's causal path
+            # No name holds the (B, T, V) logits, so autograd can free them during backward.
+            ce, _ = token_loss_sum(net(input_ids=b["input_ids"], attention_mask=mask, use_cache=False).logits,
+                                   b["labels"])
+            # DDP and FSDP average gradients over ranks: x W makes the result sum(ce) / n_tok exactly.
+            (ce * W / n_tok).backward()
+        loss_sum += ce.detach()
+    loss = (all_reduce_(loss_sum) / n_tok).item()
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss}")  # train() says where, before any update
+    for g in opt.param_groups:
+        g["lr"] = lr
+    gnorm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+
+def finished(out: Path, fingerprint: dict, resumable: set = RESUMABLE) -> dict | None:
+    """The summary of a run that OUT holds, finished with the same data and settings (those in `resumable` may
+    differ); None when OUT holds no finished run. One made with other settings or data is refused, never
+    silently taken as done."""
+    path = out / "train_summary.json"
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    was = old.get("fingerprint", {})
+    new_cfg = {k: v for k, v in fingerprint["config"].items() if k not in resumable}
+    diff = {k: (was.get("config", {}).get(k), v) for k, v in new_cfg.items() if was.get("config", {}).get(k) != v}
+    if diff or (was.get("blocks"), was.get("tokens")) != (fingerprint["blocks"], fingerprint["tokens"]):
+        raise ValueError(f"{out} holds a finished run made with other settings {diff} (old, new) or other data: "
+                         "use another --out, or delete it to train again")
+    print0(f"{out} holds this run, finished ({old['steps']} steps): nothing to do")
+    return old
+
+
+def resume(out: Path, net, opt, fingerprint: dict, resumable: set = RESUMABLE) -> tuple[int, float]:
     """(step to start from, seconds trained before): the newest checkpoint's, after checking it was made with
     the same data and settings; metrics.jsonl is cut back to it so a resumed run logs what an unbroken one would."""
-    done = sorted((int(p.name.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*") if (p / "state.pt").exists())
+    done = sorted((int(p.name.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*")
+                  if (p / "state.pt").exists())
     if is_main():
         out.mkdir(parents=True, exist_ok=True)
         for stale in (out / "checkpoints").glob(".step_*.tmp-*"):
@@ -310,10 +348,11 @@ def resume(out: Path, net, opt, fingerprint: dict) -> tuple[int, float]:
         barrier()
         return 0, 0.0
     meta = load_state(done[-1][1], net, opt)
-    old = {k: v for k, v in meta["config"].items() if k not in RESUMABLE}
-    new = {k: v for k, v in fingerprint["config"].items() if k not in RESUMABLE}
+    old = {k: v for k, v in meta["config"].items() if k not in resumable}
+    new = {k: v for k, v in fingerprint["config"].items() if k not in resumable}
     if (meta["blocks"], meta["tokens"], old) != (fingerprint["blocks"], fingerprint["tokens"], new):
-        raise ValueError(f"{out} holds a run with other data or settings; repeat its command to resume, or use another --out")
+        raise ValueError(f"{out} holds a run with other data or settings; repeat its command to resume, or use "
+                         "another --out")
     if is_main() and (out / "metrics.jsonl").exists():
         rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= meta["step"]]
         (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
@@ -374,4 +413,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -47,18 +47,17 @@ class Config:
 
 def setup(cfg: Config):
     """Model, tokenizer and the (question, answer) rows, in the order grpo.py visits them in epoch 0."""
-    import grpo
-    from ptl_common import load_model, load_rows
+    from ptl_common import load_model, load_rows, question_answer
 
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     n = cfg.prompts * cfg.steps
-    rows = [grpo.question_answer(r, w) for w, r in load_rows("offline-easy", n=n, seed=cfg.seed, check=grpo.question_answer)]
+    rows = [question_answer(r, w) for w, r in load_rows("offline-easy", n=n, seed=cfg.seed, check=question_answer)]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()  # grpo.train's epoch 0
     return model, tok, rows, order
 
 
 class Timer:
-    """Wraps model.generate (both sides call it on the unwrapped model) and stamps step ends."""
+    """TRL's timings: wraps model.generate (TRL calls it on the unwrapped model) and stamps step ends."""
 
     def __init__(self, model):
         self.gen, self.marks, self.t0 = 0.0, [], time.perf_counter()
@@ -85,24 +84,17 @@ class Timer:
 
 
 def run_ours(cfg: Config, gen_batch: int) -> dict:
+    """Our GRPO for cfg.steps steps; its timings come from its own metrics.jsonl (step_s, gen_s per step)."""
     import grpo
 
     model, tok, rows, _ = setup(cfg)
-    timer, real_step = Timer(model), grpo.train_step
-
-    def train_step(*a, **k):
-        out = real_step(*a, **k)
-        timer.step_end()
-        return out
-    grpo.train_step = train_step
     with tempfile.TemporaryDirectory() as out:
         gc = grpo.Config(out=out, rollout_batch=cfg.prompts, group_size=cfg.group_size, prompt="fewshot",
                          max_response_length=cfg.max_response_length, micro_batch=cfg.micro_batch, gen_batch=gen_batch,
                          max_steps=cfg.steps, lr=cfg.lr, kl_coef=cfg.kl_coef, seed=cfg.seed, device="cpu")
-        timer.t0 = time.perf_counter()
         grpo.train(model, tok, rows, gc)
         logs = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-    return {**timer.split(), "reward": [r["reward"] for r in logs], "response_len": [r["response_len"] for r in logs]}
+    return {key: [r[key] for r in logs] for key in ("step_s", "gen_s", "reward", "response_len")}
 
 
 def run_trl(cfg: Config) -> dict:

@@ -23,7 +23,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptl  # noqa: E402
-from ptl_common import DEFAULT_MODEL, count_params, load_model, load_texts, make_batches, parse_config  # noqa: E402
+from ptl_common import (DEFAULT_MODEL, alternate, count_params, load_model, load_texts, make_batches,  # noqa: E402
+                        parse_config)
 
 
 @dataclass
@@ -45,29 +46,9 @@ class Config:
     threads: int = 0  # torch threads (0: torch's default)
 
 
-def median_time(fn, repeats: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
-    """Median seconds of each fn, alternating them so that machine noise hits all of them alike."""
-    times = {k: [] for k in fns}
-    for _ in range(warmup):
-        for f in fns.values():
-            f()
-    for _ in range(repeats):
-        for k, f in fns.items():
-            t = time.perf_counter()
-            f()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    """Median seconds of each fn, alternated (ptl_common.alternate)."""
+    return {k: statistics.median(v) for k, v in alternate(fns, repeats=repeats, warmup=warmup).items()}
 
 
 @torch.no_grad()
@@ -119,7 +100,7 @@ def literal_eq2(model, batches, cfg) -> dict:
             down.weight[:, j] = col
             eq2[(l, j)] = worst
     per_neuron = (time.perf_counter() - t0) / len(eq2)
-    ours_t = median_time(lambda: ptl.score_pass(model, batches, layer_rule=None), 3, 1)
+    ours_t = interleaved({"ours": lambda: ptl.score_pass(model, batches, layer_rule=None)}, 3, 1)["ours"]
     a = torch.tensor([eq2[k] for k in eq2])
     b = torch.tensor([ours[l, j].item() for l, j in eq2])
     rank = lambda x: x.argsort().argsort().float()  # noqa: E731
@@ -128,7 +109,9 @@ def literal_eq2(model, batches, cfg) -> dict:
             "ratio": per_neuron * L * I / ours_t, "spearman_on_sample": spearman, "sample": len(eq2)}
 
 
-def forward_flops(model, ids) -> int:
+def counted_flops(model, ids) -> int:
+    """FLOPs of one forward over ids as torch's FlopCounterMode counts them (evaluate.forward_flops computes the
+    same from the config alone)."""
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(input_ids=ids, use_cache=False)
     return fc.get_total_flops()
@@ -143,13 +126,14 @@ def realized_speed(model, cfg) -> dict:
         pruned = copy.deepcopy(model)
         ptl.prune_neurons(pruned, [torch.arange(round(I * (1 - cfg.neuron_frac)))] * L)
         ptl.drop_layers(pruned, list(range(L - cfg.drop_layers, L)))
-    ids = torch.randint(0, model.config.vocab_size, (cfg.speed_batch, cfg.speed_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (cfg.speed_batch, cfg.speed_len),
+                        generator=torch.Generator().manual_seed(0))
     t = interleaved({"dense": lambda: model(input_ids=ids, use_cache=False),
                      "pruned": lambda: pruned(input_ids=ids, use_cache=False)}, cfg.repeats, cfg.warmup)
     eager = {}
     for name, m in (("dense", model), ("pruned", pruned)):
         m.config._attn_implementation, was = "eager", m.config._attn_implementation  # count attention matmuls
-        eager[name] = forward_flops(m, ids[:1])
+        eager[name] = counted_flops(m, ids[:1])
         m.config._attn_implementation = was
     flop_ratio = eager["dense"] / eager["pruned"]
     speedup = t["dense"] / t["pruned"]

