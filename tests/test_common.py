@@ -140,3 +140,14 @@ def test_an_empty_text_is_refused_rather_than_scored_as_padding():
     tok._tokenizer.post_processor = None  # no <s>: "" has no tokens at all
     with pytest.raises(ValueError, match="text #1"):
         make_batches(tok, ["ab", ""], max_length=8, batch_size=2)
+
+
+def test_spread_is_the_range_of_repeated_timings_over_their_median():
+    assert ptl_common.spread([1.0, 1.1, 0.9]) == pytest.approx(0.2)
+    assert ptl_common.spread([2.0, 2.0]) == 0.0
+
+
+def test_alternate_times_every_function_in_every_round_after_the_warmup():
+    calls = []
+    times = ptl_common.alternate({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4 and {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}

@@ -29,12 +29,14 @@ def test_the_converted_checkpoint_computes_what_the_gguf_model_computes():
     assert (c.num_hidden_layers, c.intermediate_size, c.tie_word_embeddings) == (30, 1536, True)
 
 
-def test_the_readme_main_command_runs_and_leaves_loadable_checkpoints(tmp_path):
+def test_the_readme_main_command_prunes_recovers_measures_and_leaves_loadable_checkpoints(tmp_path):
     line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "torchrun" in l and "pip install" in l)
     command = line.strip().strip("`").split("&&")[-1].strip()  # the run after the installs
-    for f in ("ptl.py", "ptl_common.py"):
+    for f in ("ptl.py", "ptl_common.py", "recover.py", "grpo.py", "evaluate.py"):
         shutil.copy(ROOT / f, tmp_path)
-    subprocess.run(command, shell=True, cwd=tmp_path, check=True)
+    shutil.copytree(ROOT / "data", tmp_path / "data")
+    run = subprocess.run(command, shell=True, cwd=tmp_path, check=True, capture_output=True, text=True)
+    assert "done: " in run.stdout and "recovered: offline" in run.stdout, "the summary: dense -> pruned -> recovered"
     rounds = sorted((tmp_path / "out").glob("*/round_*"))
     assert rounds, "no round was written"
     model = AutoModelForCausalLM.from_pretrained(rounds[-1])

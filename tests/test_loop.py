@@ -140,6 +140,16 @@ def test_resuming_with_other_settings_is_refused(tiny_dirs, tmp_path):
         run(tiny_dirs["llama"], tmp_path, rounds=2, neuron_step=0.2)
 
 
+def test_the_same_out_spelled_another_way_resumes_the_same_run(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run(tiny_dirs["llama"], "x", rounds=1)
+    first = (tmp_path / "x" / "round_1" / "model.safetensors").read_bytes()
+    run(tiny_dirs["llama"], "./x/", rounds=2)
+    run(tiny_dirs["llama"], str(tmp_path / "x"), rounds=3)
+    assert [r["round"] for r in records(tmp_path / "x")] == [1, 2, 3]
+    assert (tmp_path / "x" / "round_1" / "model.safetensors").read_bytes() == first, "resumed, not redone"
+
+
 def test_a_target_ratio_run_stops_at_the_target(tiny_dirs, tmp_path):
     result = run(tiny_dirs["gemma2"], tmp_path, target_ratio=0.2, neuron_step=0.15)
     steps = [r["neurons_per_layer"] for r in records(tmp_path)]
