@@ -301,24 +301,48 @@ def perplexity_scores(model, batches) -> torch.Tensor:
     return torch.stack(scores).float().cpu()
 
 
+def summed_grads(model, params: list, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """(dLoss/dW for each of `params`, the real-token count), Loss = the sum of next-token cross-entropies over every
+    real token of `batches`, summed over torchrun ranks."""
+    grads = [torch.zeros_like(w) for w in params]
+    tokens = torch.zeros((), dtype=torch.float64, device=params[0].device)
+    for b in batches:
+        loss, n = calib_loss(model, b)
+        tokens += n
+        for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
+            if g is not None:
+                acc += g
+    return [all_reduce_(g) for g in grads], all_reduce_(tokens)
+
+
 def taylor_scores(model, batches) -> torch.Tensor:
     """(L,) |sum_{w in layer l} w * dLoss/dw|: the first-order change of the calibration loss when layer l's
     weights are set to zero (Taylor criterion, Molchanov et al., 2019, as used for blocks by Kim et al.,
     2024). Gradients are summed over ranks before the products are taken."""
     per_layer = [list(layer.parameters()) for layer in decoder_layers(model)]
     flat = [w for ps in per_layer for w in ps]
-    grads = [torch.zeros_like(w) for w in flat]
-    tokens = torch.zeros((), dtype=torch.float64, device=flat[0].device)
-    for b in batches:
-        loss, n = calib_loss(model, b)
-        tokens += n
-        for acc, g in zip(grads, torch.autograd.grad(loss, flat, allow_unused=True)):
-            if g is not None:
-                acc += g
-    all_reduce_(tokens)
-    wg = iter((w.detach().double() * all_reduce_(g).double()).sum() for w, g in zip(flat, grads))
+    grads, tokens = summed_grads(model, flat, batches)
+    wg = iter((w.detach().double() * g.double()).sum() for w, g in zip(flat, grads))
     scores = [sum(next(wg) for _ in ps).abs() / tokens for ps in per_layer]
     return torch.stack(scores).float().cpu()
+
+
+def taylor_neuron_scores(model, batches, *, variant: str = "element") -> torch.Tensor:
+    """(L, I) LLM-Pruner's first-order importance (Ma et al., 2023, Eq. 3-4) of FFN neuron i's coupled group,
+    row i of W_gate and of W_up and column i of W_down, with G = dLoss/dW over the calibration tokens:
+        vector-wise    I_i = sum_{W in group} | sum_j W_ij G_ij |       (their `vectorize`)
+        element-wise   I_i = sum_{W in group} sum_j | W_ij G_ij |       (their `param_first`)
+    the group's matrices reduced by sum, their default. Per token, like taylor_scores; lower = more redundant."""
+    mats = [lin.weight for layer in decoder_layers(model) for lin in ffn(layer)]  # gate, up, down per layer
+    grads, tokens = summed_grads(model, mats, batches)
+    per_row = (lambda x, dim: x.sum(dim).abs()) if variant == "vector" else (lambda x, dim: x.abs().sum(dim))
+    wg = [w.detach().double() * g.double() for w, g in zip(mats, grads)]  # (I, d), (I, d), (d, I) per layer
+    scores = torch.stack([per_row(wg[i], 1) + per_row(wg[i + 1], 1) + per_row(wg[i + 2], 0)
+                          for i in range(0, len(wg), 3)])
+    if not scores.isfinite().all():  # NaN would sort last and be silently kept
+        raise FloatingPointError("the calibration loss has NaN/inf gradients; Taylor scores would be meaningless "
+                                 "(try --dtype float32, or check the checkpoint)")
+    return (scores / tokens).float().cpu()
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -402,8 +426,11 @@ class Config:
     layer_step: int = flag(1, "layers per layer-round")
     sigma_neuron: float | None = flag(None, "Eq. 4 threshold; sets k per round instead of --neuron-step")
     sigma_layer: float | None = flag(None, "Eq. 6 threshold; sets the layers per round")
-    neuron_rule: Literal["eq4", "released"] = flag("eq4", "eq4: max |Act| over every token (the paper); released: "
-                                                          "the authors' code (signed bottom-n, intersected)")
+    neuron_rule: Literal["eq4", "released", "taylor"] = flag(
+        "eq4", "eq4: max |Act| over every token (the paper); released: the authors' code (signed bottom-n, "
+               "intersected); taylor: LLM-Pruner's first-order importance of each neuron's gate/up/down group")
+    taylor_variant: Literal["element", "vector"] = flag("element", "--neuron-rule taylor: LLM-Pruner's element-wise "
+                                                                   "(param_first) or vector-wise (vectorize) score")
     layer_rule: Literal["distance", "bi", "ppl", "taylor"] = flag(
         "distance",
         "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor")
@@ -609,11 +636,13 @@ def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tens
     """(neuron (L, I), layer (L,)) scores of the current model before round t, lower = more redundant, with
     language protection. The released rule reads its own input (append_last_token) and n (--released-top-n)."""
     hooked = cfg.layer_rule if cfg.layer_rule in ("distance", "bi") else None
-    if cfg.neuron_rule == "eq4":
-        r = score_pass(model, calib, neuron_rule="eq4", layer_rule=hooked)
-        s = r["neuron"]
-        if protect is not None:
-            s = protect_top(s, score_pass(model, protect, layer_rule=None)["neuron"], cfg.protect_frac)
+    if cfg.neuron_rule in ("eq4", "taylor"):
+        eq4 = cfg.neuron_rule == "eq4"
+        r = score_pass(model, calib, neuron_rule="eq4" if eq4 else None, layer_rule=hooked)
+        s = r["neuron"] if eq4 else taylor_neuron_scores(model, calib, variant=cfg.taylor_variant)
+        if protect is not None:  # the general text's most active neurons (Eq. 4 on it) are never pruned
+            general = score_pass(model, protect, layer_rule=None)["neuron"]
+            s = protect_top(s.to(general.device), general, cfg.protect_frac)
     else:
         n = cfg.top_n(t)
         r = score_pass(model, [append_last_token(b) for b in calib], neuron_rule="released", layer_rule=None, top_n=n)

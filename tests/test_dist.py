@@ -22,7 +22,7 @@ def one_and_two_processes(flags: list[str], tmp_path: Path) -> tuple[Path, Path]
     return one, two
 
 
-@pytest.mark.parametrize("rule", ["eq4", "released"])
+@pytest.mark.parametrize("rule", ["eq4", "released", "taylor"])
 def test_two_ranks_score_and_prune_like_one(rule, tiny_dirs, tmp_path):
     flags = ["--model", tiny_dirs["gemma2"], "--calib-samples", "14", "--max-length", "48", "--batch-size", "2",
              "--rounds", "2", "--order", "alternate", "--layer-target", "1", "--neuron-rule", rule]

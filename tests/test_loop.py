@@ -181,6 +181,22 @@ def test_sigma_neuron_removes_exactly_the_never_active_neurons_then_stops(tmp_pa
     assert records(tmp_path / "out")[0]["removed_neurons"] == {str(l): [5, 17, 30] for l in range(4)}
 
 
+@pytest.mark.parametrize("variant", ["element", "vector"])
+def test_the_taylor_rule_removes_neurons_without_weights_first_also_in_one_cut(variant, tmp_path):
+    model = tiny_model("llama", layers=4, inter=40)
+    with torch.no_grad():
+        for layer in ptl.decoder_layers(model):
+            gate, up, down = ptl.ffn(layer)
+            gate.weight[[5, 17, 30]], up.weight[[5, 17, 30]], down.weight[:, [5, 17, 30]] = 0, 0, 0
+    m = save(model, tmp_path / "m")
+    run(m, tmp_path / "ptl", neuron_rule="taylor", taylor_variant=variant, neuron_step=3 / 40, rounds=1)
+    run(m, tmp_path / "once", neuron_rule="taylor", taylor_variant=variant, baseline="prune-once", target_ratio=0.1)
+    for out in ("ptl", "once"):
+        removed = records(tmp_path / out)[0]["removed_neurons"]
+        assert all({5, 17, 30} <= set(removed[str(l)]) for l in range(4)), out
+    assert records(tmp_path / "ptl")[0]["removed_neurons"] == {str(l): [5, 17, 30] for l in range(4)}
+
+
 def test_sigma_layer_removes_the_identity_layer(tmp_path):
     model = tiny_model("gemma2", layers=4, inter=40)
     layer = ptl.decoder_layers(model)[2]

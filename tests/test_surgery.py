@@ -212,3 +212,57 @@ def test_nan_activations_stop_scoring_with_a_clear_error():
         ptl.ffn(ptl.decoder_layers(model)[1])[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         ptl.neuron_scores(model, [padded_batch()])
+
+
+# ----------------------------------------------------------------------------- LLM-Pruner's Taylor neuron score
+
+
+@pytest.mark.parametrize("variant", ["element", "vector"])
+def test_a_neuron_whose_weights_are_all_zero_has_taylor_score_zero(variant):
+    model = tiny_model("llama", tied=False)
+    gate, up, down = ptl.ffn(ptl.decoder_layers(model)[1])
+    with torch.no_grad():
+        gate.weight[5], up.weight[5], down.weight[:, 5] = 0, 0, 0
+    s = ptl.taylor_neuron_scores(model, [padded_batch(0), padded_batch(1)], variant=variant)
+    assert s.shape == (3, 24) and s[1, 5] == 0 and (s[1] != 0).sum() == 23
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_vector_wise_taylor_score_is_the_loss_slope_of_scaling_each_matrix_of_the_group(arch):
+    """For neuron i, |d Loss / d eps| of W_gate[i] -> (1 + eps) W_gate[i] is |sum_j W_ij G_ij|; the same for W_up[i]
+    and W_down[:, i]; their sum is the vector-wise score (x tokens). Central differences."""
+    model = tiny_model(arch, tied=False).double()
+    batches = [padded_batch(0, lengths=(9, 9)), padded_batch(2, lengths=(6,))]  # float64 Qwen2 NaNs on padding
+    tokens = sum(int(ptl.calib_loss(model, b)[1]) for b in batches)  # the labelled tokens the score is divided by
+    score = ptl.taylor_neuron_scores(model, batches, variant="vector").double() * tokens
+    gate, up, down = ptl.ffn(ptl.decoder_layers(model)[0])
+
+    def loss() -> float:  # calib_loss's sum, kept in float64
+        total = 0.0
+        with torch.no_grad():
+            for b in batches:
+                out = model(**b).logits[:, :-1]
+                labels = b["input_ids"][:, 1:].masked_fill(b["attention_mask"][:, 1:] == 0, -100)
+                total += float(torch.nn.functional.cross_entropy(out.flatten(0, 1), labels.flatten(), reduction="sum"))
+        return total
+
+    for i in (0, 7):
+        slopes = []
+        for view in (gate.weight[i], up.weight[i], down.weight[:, i]):
+            w0, eps = view.clone(), 1e-2  # RMSNorm computes in float32 even here: a small eps drowns in rounding
+            with torch.no_grad():
+                view.copy_(w0 * (1 + eps))
+                hi = loss()
+                view.copy_(w0 * (1 - eps))
+                lo = loss()
+                view.copy_(w0)
+            slopes.append(abs(hi - lo) / (2 * eps))
+        assert float(score[0, i]) == pytest.approx(sum(slopes), rel=5e-3)
+
+
+def test_the_element_wise_taylor_score_bounds_the_vector_wise_one():
+    model = tiny_model("qwen2")
+    batches = [padded_batch(3)]
+    element = ptl.taylor_neuron_scores(model, batches, variant="element")
+    vector = ptl.taylor_neuron_scores(model, batches, variant="vector")
+    assert (element >= vector - 1e-7).all() and (element > vector).any()
