@@ -614,11 +614,11 @@ def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int
     enc = tok([prompt] * batch, return_tensors="pt")
     x = {n: {k: v.to(next(m.parameters()).device) for k, v in enc.items()} for n, m in models.items()}
     prefill = alternate({n: (lambda n=n, m=m: m(**x[n], use_cache=True, logits_to_keep=1)) for n, m in models.items()},
-                        repeats=repeats, warmup=warmup)
+                        repeats=repeats, warmup=warmup, desc="timing prefill")
     total = alternate({n: (lambda n=n, m=m: m.generate(**x[n], do_sample=False, min_new_tokens=new_tokens,
                                                        max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id,
                                                        temperature=None, top_p=None, top_k=None))
-                       for n, m in models.items()}, repeats=repeats, warmup=warmup)
+                       for n, m in models.items()}, repeats=repeats, warmup=warmup, desc="timing decode")
     res = {}
     for n in models:
         pre, tot = statistics.median(prefill[n]), statistics.median(total[n])

@@ -168,11 +168,14 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- timing
 
 
-def alternate(fns: dict, *, repeats: int, warmup: int) -> dict[str, list[float]]:
+def alternate(fns: dict, *, repeats: int, warmup: int, desc: str | None = None) -> dict[str, list[float]]:
     """{name: seconds of each of `repeats` timed calls} of every fn in `fns`, after `warmup` untimed rounds; the
-    fns alternate within every round, so that the drift of a shared, noisy machine hits all of them alike."""
+    fns alternate within every round, so that the drift of a shared, noisy machine hits all of them alike.
+    `desc`: show a progress bar over the rounds (rank 0)."""
+    from tqdm import tqdm
+
     times = {k: [] for k in fns}
-    for r in range(warmup + repeats):
+    for r in tqdm(range(warmup + repeats), desc=desc, disable=desc is None or not is_main(), leave=False):
         for k, fn in fns.items():
             t = time.perf_counter()
             fn()
