@@ -85,3 +85,15 @@ def test_the_crossed_bootstrap_sees_both_seed_and_problem_noise():
     lo, hi = gradual_stats.crossed_bootstrap(problems_only, 2000)
     half = 1.96 * problems_only[0].std() / math.sqrt(400)  # the paired normal interval on 400 problems
     assert (hi - lo) / 2 == pytest.approx(half, rel=0.15)
+
+
+def test_the_readme_tables_are_what_the_committed_results_give(tmp_path):
+    """Every row of the README's gradual-vs-once tables is recomputed from results/gradual/*.json."""
+    import shutil
+
+    for f in (ROOT / "results" / "gradual").glob("*.json"):
+        shutil.copy(f, tmp_path)
+    md = gradual_stats.main(gradual_stats.Config(results=str(tmp_path)))["markdown"]
+    readme = (ROOT / "README.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ")]
+    assert len(rows) >= 12 and [r for r in rows if r not in readme] == []
