@@ -294,10 +294,10 @@ def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[lis
 # ----------------------------------------------------------------------------- generation
 
 
-def cache_kwarg(model, cache) -> dict:
-    """The KV cache as a forward argument, by its name in the installed transformers: `cache` in recent 5.x (where
+def cache_arg(model) -> str:
+    """The name of forward's KV-cache argument in the installed transformers: `cache` in recent 5.x (where
     `past_key_values` warns, and goes in 5.40), `past_key_values` before."""
-    return {"cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def returned_cache(res):
@@ -319,9 +319,10 @@ def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_to
     past = cache.get_seq_length() if cache is not None else 0
     pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
     ids, pos_in = x[:, past:], pos[:, past:]
+    arg = cache_arg(model)  # once, not per token
     for _ in range(max_new_tokens):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
-                    **cache_kwarg(model, cache))
+                    **{arg: cache})
         cache, nxt = returned_cache(res), res.logits[:, -1].argmax(-1)
         keep = []
         for j, r in enumerate(rows):
@@ -411,7 +412,7 @@ def gold_logprobs(model, tok, prompts: list[str], continuations: list[str], *, b
         real = torch.arange(S) < torch.tensor([len(whole[i]) - c for i in batch])[:, None]  # (B, S)
         mask = torch.cat([torch.ones(len(batch), c, dtype=torch.long), real.long()], 1)  # (B, c + S)
         logits = model(input_ids=x.to(dev), attention_mask=mask.to(dev), use_cache=True,
-                       **cache_kwarg(model, repeat_cache(shared, len(batch))),
+                       **{cache_arg(model): repeat_cache(shared, len(batch))},
                        logits_to_keep=torch.arange(lo, S, device=dev)).logits  # (B, S - lo, V)
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[:, lo:].flatten().to(dev),
                                                 ignore_index=-100, reduction="none").view(len(batch), -1)

@@ -480,7 +480,7 @@ class Config:
         if not 0 < self.neuron_step <= 1 or not 0 <= self.target_ratio < 1:
             raise ValueError("need 0 < --neuron-step <= 1 and 0 <= --target-ratio < 1")
         try:
-            tops = [float(x) for x in self.released_top_n.split(",")]
+            tops = self.top_ns()
         except ValueError:
             tops = []
         if not tops or any(not (0 < x < 1 or (x >= 1 and x == int(x))) for x in tops):
@@ -519,9 +519,12 @@ class Config:
         return rc
 
 
+    def top_ns(self) -> list[float]:
+        return [float(x) for x in self.released_top_n.split(",")]
+
     def top_n(self, t: int) -> float:
         """The released rule's n in round t (1-based): the t-th value of --released-top-n, or its last."""
-        tops = [float(x) for x in self.released_top_n.split(",")]
+        tops = self.top_ns()
         return tops[min(t, len(tops)) - 1]
 
 
@@ -638,7 +641,8 @@ def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tens
     hooked = cfg.layer_rule if cfg.layer_rule in ("distance", "bi") else None
     if cfg.neuron_rule in ("eq4", "taylor"):
         eq4 = cfg.neuron_rule == "eq4"
-        r = score_pass(model, calib, neuron_rule="eq4" if eq4 else None, layer_rule=hooked)
+        # one hooked pass for Eq. 4 and/or the hooked layer rule; Taylor takes its own gradient passes
+        r = score_pass(model, calib, neuron_rule="eq4" if eq4 else None, layer_rule=hooked) if eq4 or hooked else {}
         s = r["neuron"] if eq4 else taylor_neuron_scores(model, calib, variant=cfg.taylor_variant)
         if protect is not None:  # the general text's most active neurons (Eq. 4 on it) are never pruned
             general = score_pass(model, protect, layer_rule=None)["neuron"]
