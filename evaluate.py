@@ -60,8 +60,8 @@ from tqdm import tqdm
 
 from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, chat_prompt,
                         check_ranges, cleanup_dist, count_params, finished_rounds, flag, human, is_main, last_boxed,
-                        load_model, load_record, math_equal, parse_config, print0, question_answer, read_jsonl,
-                        run_cli, setup_dist, spread, unshadow_evaluate)
+                        load_config, load_model, load_record, math_equal, parse_config, print0, question_answer,
+                        read_jsonl, run_cli, setup_dist, spread, unshadow_evaluate)
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -171,12 +171,14 @@ def passes_tests(program: str, timeout: float = 10.0) -> bool:
 def forward_flops(config, seq_len: int, batch: int = 1) -> int:
     """FLOPs of one decoder forward pass over `batch` sequences of `seq_len` tokens, from the config:
     per layer 2·T·h·d_h·(n_q + 2·n_kv) (q, k, v) + 2·T·n_q·d_h·h (o) + 2·2·n_q·T²·d_h (scores and values, the full
-    T×T square, as eager attention computes it) + 3·2·T·h·I (gate, up, down); plus the LM head 2·T·h·V.
+    T×T square, as eager attention computes it) + 3·2·T·h·I (gate, up, down) (+ 2·2·T·h² for the shortcuts of a
+    SliceGPT model, whose h is the sliced width); plus the LM head 2·T·h·V.
     Embedding lookups cost nothing; norms, rotary and activations are not matmuls and are not counted."""
     h, L, I, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, seq_len
     n_q, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     d_h = getattr(config, "head_dim", None) or h // n_q
     per_layer = 2 * T * h * d_h * (n_q + 2 * n_kv) + 2 * T * n_q * d_h * h + 4 * n_q * T * T * d_h + 6 * T * h * I
+    per_layer += 4 * T * h * h if getattr(config, "slicegpt", None) else 0  # SliceGPT's two shortcuts, h x h each
     return batch * (L * per_layer + 2 * T * h * V)
 
 
@@ -637,21 +639,21 @@ def report(run: str | Path) -> dict:
     --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per question, the FLOP ratio at 128
     tokens (the authors' calflops setting), recovery time (cumulative). Writes report.json, report.md and
     rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
-    from transformers import AutoConfig
-
     run = Path(run)
     rounds = finished_rounds(run)
     if not rounds:
         raise FileNotFoundError(f"{run} holds no finished PTL round (round_<t>/ptl_record.json): run ptl.py first")
     recs = [load_record(run / f"round_{t}") for t in rounds]
-    dense_cfg = AutoConfig.from_pretrained(run / f"round_{rounds[0]}")
+    dense_cfg = load_config(run / f"round_{rounds[0]}")
     dense_cfg.num_hidden_layers = recs[0]["dense"]["num_hidden_layers"]
     dense_cfg.intermediate_size = recs[0]["dense"]["intermediate_size"]
+    dense_cfg.hidden_size = recs[0]["dense"].get("hidden_size", dense_cfg.hidden_size)  # SliceGPT narrows it
+    dense_cfg.slicegpt = None
     dense_eval = json.loads((run / "dense_eval.json").read_text()) if (run / "dense_eval.json").exists() else {}
     f0 = forward_flops(dense_cfg, 128)
     rows, recovery = [], 0.0
     entries = [("dense", recs[0]["dense"]["params"], dense_cfg, dense_eval, None)]
-    entries += [(f"round {r['round']} ({r['kind']})", r["params_after"], AutoConfig.from_pretrained(run / f"round_{t}"),
+    entries += [(f"round {r['round']} ({r['kind']})", r["params_after"], load_config(run / f"round_{t}"),
                  r.get("eval", {}), r) for t, r in zip(rounds, recs)]
     for label, params, conf, ev, r in entries:
         recovery += sum(v.get("time_s", 0.0) for v in (r or {}).get("recovery", {}).values())

@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, all_reduce_, atomic_write_json, barrier, check_ranges, cleanup_dist,
-                        count_params, finished_rounds, flag, human, import_evaluate, is_main, load_model, load_record,
-                        load_rows, load_texts, make_batches, parse_config, print0, run_cli, save_checkpoint, setup_dist,
-                        unshadow_evaluate, verify_checkpoint)
+from ptl_common import (DEFAULT_MODEL, add_shortcuts, all_reduce_, atomic_write_json, barrier, check_ranges,
+                        cleanup_dist, count_params, finished_rounds, flag, human, import_evaluate, is_main, load_model,
+                        load_record, load_rows, load_texts, make_batches, parse_config, print0, run_cli,
+                        save_checkpoint, setup_dist, sliced_class, unshadow_evaluate, verify_checkpoint)
 import recover
 
 # ----------------------------------------------------------------------------- accessors
@@ -387,6 +387,9 @@ def drop_layers(model: nn.Module, drop: list[int]) -> None:
         raise ValueError(f"layer indices {drop} out of range [0, {L})")
     if len(drop) >= L:
         raise ValueError(f"refusing to remove all {L} layers: keep at least one")
+    if getattr(cfg, "slicegpt", None):  # layer l's output is in the basis layer l + 1 reads: no layer can go
+        raise ValueError("a SliceGPT model's layers each work in their own basis, chained by the shortcuts: removing "
+                         "one would break the chain. Remove neurons only, or remove layers before slicing")
     unknown = [k for k, v in cfg.to_dict().items()
                if "layer" in k and isinstance(v, list) and len(v) == L and k not in PER_LAYER_CONFIG]
     if unknown:
@@ -403,6 +406,233 @@ def drop_layers(model: nn.Module, drop: list[int]) -> None:
     if isinstance(getattr(cfg, "max_window_layers", None), int):  # Qwen: layers below it use full attention
         cfg.max_window_layers = sum(i < cfg.max_window_layers for i in kept)
     cfg.num_hidden_layers = len(kept)
+
+
+# ----------------------------------------------------------------------------- SliceGPT (Ashkboos et al., 2024)
+# The width baseline of Table 1: one cut that narrows the residual stream instead of the FFN. Once every RMSNorm's
+# scale is folded into the linear layers that read it, RMSNorm(x Q) = RMSNorm(x) Q for any orthogonal Q, so each
+# point of the residual stream may be expressed in its own basis; in the PCA basis of the signal there, the last
+# directions carry the least energy and are sliced off. The shortcuts (ptl_common.sliced_forward) carry the stream
+# from one basis to the next. As released (microsoft/TransformerCompression), the bases are computed sequentially,
+# each on the signals of the model as already sliced, and every width is the same d' (the LM head's too).
+
+SLICEABLE = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def attention(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+    """(q_proj, k_proj, v_proj, o_proj) of a decoder layer's self-attention."""
+    parts = tuple(getattr(getattr(layer, "self_attn", None), n, None) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    if not all(isinstance(p, nn.Linear) for p in parts):
+        raise _unsupported(layer, "its layers have no self_attn.q_proj/k_proj/v_proj/o_proj Linear modules")
+    return parts
+
+
+def check_sliceable(model: nn.Module) -> None:
+    """SliceGPT needs pre-norm blocks: one RMSNorm before attention, one before the MLP, one before the LM head, each
+    x / rms(x) * g with a scale g that the next linear layer can absorb."""
+    kind = model.config.model_type
+    if getattr(model.config, "slicegpt", None):
+        raise ValueError("--baseline slicegpt: this model is already sliced; start from the dense checkpoint")
+    if kind not in SLICEABLE:
+        raise ValueError(f"--baseline slicegpt supports {', '.join(SLICEABLE)} (pre-norm blocks whose RMSNorm scales "
+                         f"fold into the next linear layer), not {kind!r}" + (
+                             ": Gemma2 also normalises each branch's output before the residual add "
+                             "(post_attention_layernorm, post_feedforward_layernorm), a scale no linear layer can "
+                             "absorb, and its norms scale by 1 + g" if kind.startswith("gemma") else ""))
+    for layer in decoder_layers(model):
+        attention(layer), ffn(layer)
+
+
+def pca_basis(C: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SliceGPT's PCA: Q = the eigenvectors of C = sum_x x^T x (x (1, d) the signal at one point of the residual
+    stream, over every calibration token), by decreasing eigenvalue, so that x Q[:, :d'] keeps more of the signal's
+    energy than any other d' orthonormal directions. The diagonal is damped by damp x its mean, as released.
+    C (d, d) fp64 -> (eigenvalues (d,), Q (d, d))"""
+    C = C + damp * C.diagonal().mean() * torch.eye(len(C), dtype=C.dtype, device=C.device)
+    val, vec = torch.linalg.eigh(C)
+    order = val.argsort(descending=True)
+    return val[order], vec[:, order]
+
+
+def signal_covariance(xs: list[torch.Tensor], masks: list[torch.Tensor]) -> torch.Tensor:
+    """C = sum over the real tokens of every batch of x^T x, summed over torchrun ranks. xs: (B, T, d) per batch,
+    masks: (B, T) bool. -> (d, d) fp64"""
+    C = sum(x[m].double().T @ x[m].double() for x, m in zip(xs, masks))
+    return all_reduce_(C.contiguous())
+
+
+@torch.no_grad()
+def rotate(module: nn.Module, P: torch.Tensor, side: str) -> None:
+    """Express a module in a new basis P (d, d') of the residual stream: a linear layer that reads the stream
+    (side "in": W (out, d) -> W P) or writes it (side "out": W (d, in) -> P^T W, b -> b P); an embedding's rows are
+    stream vectors (E (V, d) -> E P). Computed in fp64, stored in the module's dtype."""
+    w = module.weight
+    new = (w.double() @ P if side == "in" else P.T @ w.double()).to(w.dtype)
+    module.weight = nn.Parameter(new, requires_grad=w.requires_grad)
+    if side == "out" and module.bias is not None:
+        module.bias = nn.Parameter((module.bias.double() @ P).to(w.dtype), requires_grad=module.bias.requires_grad)
+    if isinstance(module, nn.Embedding):
+        module.embedding_dim = P.shape[1]
+    else:
+        setattr(module, "in_features" if side == "in" else "out_features", P.shape[1])
+
+
+@torch.no_grad()
+def fold_norms(model: nn.Module) -> None:
+    """Fold each RMSNorm's scale g into the linear layers that read it (W <- W diag(g)), the final norm's into the LM
+    head (untied from the embeddings first), and set every g to 1: the function is unchanged, and every norm is now
+    x / rms(x), which commutes with an orthogonal rotation."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight.data_ptr() == emb.weight.data_ptr():
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=emb.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    pairs = [(model.base_model.norm, [head])]
+    for layer in decoder_layers(model):
+        pairs += [(layer.input_layernorm, attention(layer)[:3]), (layer.post_attention_layernorm, ffn(layer)[:2])]
+    for norm, readers in pairs:
+        for lin in readers:
+            lin.weight.copy_(lin.weight.double() * norm.weight.double())
+        norm.weight.fill_(1)
+
+
+@torch.no_grad()
+def narrow_norm(norm: nn.Module, width: int, dense: int) -> None:
+    """A folded RMSNorm over width d' that computes SliceGPT's RMSN over the dense width d: x / sqrt(|x|^2 / d + eps)
+    = g x / sqrt(|x|^2 / d' + eps') with g = sqrt(d / d') and eps' = eps d / d' (the stock module, exactly)."""
+    norm.weight = nn.Parameter(norm.weight.new_full((width,), math.sqrt(dense / width)))
+    norm.variance_epsilon *= dense / width
+
+
+@torch.no_grad()
+def block_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tensor], list[list[dict]], list]:
+    """(layer 0's input per batch (B, T, d), kws[l][i]: the other arguments layer l is called with on batch i (its
+    causal or sliding-window mask, rotary position embeddings, ...), the real-token masks (B, T) bool), from one
+    forward pass of each batch."""
+    dev, xs, masks = next(model.parameters()).device, [], []
+    layers = decoder_layers(model)
+    kws: list[list[dict]] = [[] for _ in layers]
+
+    def grab(l):
+        def fn(mod, args, kwargs):
+            if l == 0:
+                xs.append(args[0] if args else kwargs["hidden_states"])
+            kws[l].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        return fn
+
+    handles = [layer.register_forward_pre_hook(grab(l), with_kwargs=True) for l, layer in enumerate(layers)]
+    try:
+        for b in batches:
+            b = {k: v.to(dev) for k, v in b.items()}
+            masks.append(b["attention_mask"].bool())
+            model.base_model(**b, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return xs, kws, masks
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once it has what it came for."""
+
+
+def run_layer(layer: nn.Module, xs: list[torch.Tensor], kws: list[dict], tap: nn.Module | None = None) -> list:
+    """The layer's outputs on each batch, or with `tap`, the inputs of that submodule (the pass stops there)."""
+    got = []
+
+    def grab(mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    handle = tap.register_forward_pre_hook(grab) if tap is not None else None
+    try:
+        for x, kw in zip(xs, kws):
+            try:
+                out = layer(x, **kw)
+                got.append(out[0] if isinstance(out, tuple) else out)
+            except _Stop:
+                pass
+    finally:
+        if handle is not None:
+            handle.remove()
+    return got
+
+
+@torch.no_grad()
+def slice_block(layer: nn.Module, xs: list, kws: list, masks: list, P: torch.Tensor, dense: int) -> tuple:
+    """SliceGPT on one decoder layer, whose inputs xs (B, T, d') are the previous output in basis P (d, d'):
+    1. attention reads basis P: W_qkv <- W_qkv P; the residual is carried back by the shortcut P^T (d', d);
+    2. the PCA of the signal entering the MLP gives M (d, d'): W_o <- M^T W_o, W_gate/up <- W M, S_attn = P^T M;
+    3. the PCA of the layer's output gives N (d, d'): W_down <- N^T W_down, S_mlp = M^T N.
+    -> (the outputs in basis N (B, T, d'), N, the eigenvalues of both PCAs (2, d))"""
+    (q, k, v, o), (gate, up, down) = attention(layer), ffn(layer)
+    width, as_w = P.shape[1], (lambda m: nn.Parameter(m.to(q.weight.dtype)))
+    for lin in (q, k, v):
+        rotate(lin, P, "in")
+    narrow_norm(layer.input_layernorm, width, dense)
+    layer.attn_shortcut, layer.mlp_shortcut = as_w(P.T), as_w(torch.eye(dense, dtype=P.dtype, device=P.device))
+    layer.__class__ = sliced_class(type(layer))
+    val_mid, Q = pca_basis(signal_covariance(run_layer(layer, xs, kws, tap=layer.post_attention_layernorm), masks))
+    M = Q[:, :width]
+    layer.attn_shortcut, layer.mlp_shortcut = as_w(P.T @ M), as_w(M.T)
+    rotate(o, M, "out"), rotate(gate, M, "in"), rotate(up, M, "in")
+    narrow_norm(layer.post_attention_layernorm, width, dense)
+    outs = run_layer(layer, xs, kws)  # (B, T, d) in the original basis
+    val_out, Q = pca_basis(signal_covariance(outs, masks))
+    N = Q[:, :width]
+    layer.mlp_shortcut = as_w(M.T @ N)
+    rotate(down, N, "out")
+    return [(y.double() @ N).to(y.dtype) for y in outs], N, torch.stack([val_mid, val_out])
+
+
+@torch.no_grad()
+def slice_model(model: nn.Module, batches: list[dict], width: int) -> torch.Tensor:
+    """SliceGPT (sequential, as released) in place: fold the norms, rotate the embeddings into the PCA basis of layer
+    0's input, slice every layer (slice_block) and the LM head to `width`, and make the model a SliceGPT model
+    (ptl_common.add_shortcuts). -> the eigenvalues of every PCA, (2L + 1, d): embeddings, then 2 per layer."""
+    check_sliceable(model)
+    cfg, d = model.config, model.config.hidden_size
+    if not 1 <= width <= d or width % cfg.num_attention_heads:
+        raise ValueError(f"a SliceGPT width must be a multiple of the {cfg.num_attention_heads} attention heads (a "
+                         f"Hugging Face config requires it) in [1, {d}], not {width}")
+    head_dim = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    fold_norms(model)
+    xs, kws, masks = block_inputs(model, batches)
+    val, Q = pca_basis(signal_covariance(xs, masks))
+    P = Q[:, :width]
+    rotate(model.get_input_embeddings(), P, "in")
+    xs, spectra = [(x.double() @ P).to(x.dtype) for x in xs], [val[None]]
+    for layer, kw in zip(tqdm(decoder_layers(model), desc="slicegpt", disable=not is_main(), leave=False), kws):
+        xs, P, vals = slice_block(layer, xs, kw, masks, P, d)
+        spectra.append(vals)
+    rotate(model.get_output_embeddings(), P, "in")
+    narrow_norm(model.base_model.norm, width, d)
+    cfg.head_dim, cfg.hidden_size = head_dim, width  # heads keep their width; only the residual stream narrows
+    cfg.slicegpt = {"hidden_size_dense": d, "base_model_type": cfg.model_type}
+    add_shortcuts(model, [(layer.attn_shortcut.data, layer.mlp_shortcut.data) for layer in decoder_layers(model)])
+    return torch.cat(spectra).float().cpu()
+
+
+def slice_width(model: nn.Module, ratio: float) -> int:
+    """SliceGPT's d' for --target-ratio: the largest multiple of `step` whose model has <= (1 - ratio) of the dense
+    model's parameters; step = lcm(8, heads) (SliceGPT rounds to 8; a config needs a multiple of the heads), or
+    just the number of heads where that leaves fewer than 16 steps (SmolLM2: 576 = 64 x 9 heads). Sliced, the
+    model has P(d') = 2 L d'^2 (the shortcuts) + b d' + c parameters: b per unit of width (embedding and LM head
+    columns, untied; the columns of q/k/v/gate/up, the rows of o/down; the norms), c the rest."""
+    layers, d = decoder_layers(model), model.config.hidden_size
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    b = emb.weight.shape[0] + head.weight.shape[0] + 1
+    for layer in layers:
+        (q, k, v, o), (gate, up, down) = attention(layer), ffn(layer)
+        b += sum(m.out_features for m in (q, k, v, gate, up)) + sum(m.in_features + (m.bias is not None)
+                                                                  for m in (o, down)) + 2
+    P0 = count_params(model)["total"]
+    c = P0 + head.weight.numel() * (head.weight.data_ptr() == emb.weight.data_ptr()) - b * d
+    heads = model.config.num_attention_heads
+    step = math.lcm(8, heads) if d >= 16 * math.lcm(8, heads) else heads
+    for w in range(d - d % step, 0, -step):
+        if 2 * len(layers) * w * w + b * w + c <= (1 - ratio) * P0:
+            return w
+    raise ValueError(f"--baseline slicegpt --target-ratio {ratio} is out of reach: no hidden width meets it")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -461,10 +691,11 @@ class Config:
         "--tasks offline --limit 100 --metrics gold_logprob,accuracy --max-new-tokens 200 --batch-size 100",
         "evaluate.py flags (default: held-out offline problems, which need no hub), e.g. '--tasks gsm8k,math500 "
         "--data-dir ../shared/data --limit 100'")
-    baseline: Literal["none", "prune-once", "shortgpt"] = flag(
+    baseline: Literal["none", "prune-once", "shortgpt", "slicegpt"] = flag(
         "none",
         "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it with PTL's "
-        "total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio")
+        "total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio; "
+        "slicegpt: SliceGPT's PCA rotation and slicing of the hidden size, in one round, down to --target-ratio")
     dtype: Literal["auto", "float32", "bfloat16"] = flag("auto", "weights while scoring; auto: bf16 on CUDA, fp32 on "
                                                                  "CPU and whenever a recovery trains")
     device: str = flag("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -504,7 +735,8 @@ class Config:
         """Flags that have no effect under --baseline (it removes everything at once, by its own rule)."""
         depth = ("order", "neuron_step", "layer_step", "layer_target", "neuron_rule", "layer_rule", "sigma_neuron",
                  "sigma_layer")  # ShortGPT removes only the lowest-Block-Influence layers, as many as the size needs
-        return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth}[self.baseline]
+        width = depth + ("protect_data", "protect_samples", "calib_per_round", "taylor_variant", "released_top_n")
+        return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth, "slicegpt": width}[self.baseline]
 
     def flags_for(self, kind: str):
         """recover.py's (kind "cpt") or grpo.py's Config from --cpt-flags / --grpo-flags; None if not recovering so."""
@@ -627,10 +859,14 @@ def resume_or_start(cfg: Config, d) -> tuple:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
     if cfg.baseline == "shortgpt":
         left = {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
+    elif cfg.baseline == "slicegpt":  # the hidden size to slice off, in one round
+        check_sliceable(model)
+        left = {"neurons": 0, "layers": 0, "width": model.config.hidden_size - slice_width(model, cfg.target_ratio)}
     else:
         left = {"neurons": neuron_budget(model, cfg),
                 "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
-    dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I}
+    dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I,
+             "hidden_size": model.config.hidden_size}
     return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
                         "kept_neurons": [list(range(I)) for _ in range(L)]}
 
@@ -760,10 +996,29 @@ def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg:
     return rec
 
 
+def cut(model, kind: str, calib_protect: tuple, rcfg: Config, state: dict, t: int) -> tuple[dict | None, dict]:
+    """Algorithm 1 lines 4-7 (or a baseline's one cut): score, and remove what the scores mark. -> (the round's record
+    with its score summary, or None when nothing is redundant any more; the tensors for scores.safetensors)"""
+    calib, protect = calib_protect
+    if state["left"].get("width"):  # SliceGPT: the PCA spectra are its scores
+        w = model.config.hidden_size - state["left"]["width"]
+        spectra = slice_model(model, calib, w)
+        state["left"]["width"] = 0
+        rec = {"removed_neurons": {}, "removed_layers": [], "neurons_per_layer": 0, "hidden_size": w,
+               "scores": {"energy_kept": (spectra[:, :w].sum(1) / spectra.sum(1)).tolist()}}
+        return rec, {"pca_eigenvalues": spectra}
+    s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg, t)  # lines 4-6
+    rec = prune_round(model, kind, s_neu, s_lay, rcfg, state)  # line 7
+    if rec is not None:
+        rec["scores"] = score_summary(s_neu, s_lay, rec["neurons_per_layer"])
+    return rec, {"neuron_scores": s_neu, "layer_scores": s_lay}
+
+
 def round_line(rec: dict, model) -> str:
     """The progress line of a finished round."""
     kind, after, P0 = rec["kind"], rec["params_after"]["total"], rec["dense"]["params"]["total"]
     cut = (f"-{rec['neurons_per_layer'] or len(rec['removed_layers'])}" if kind in ("neurons", "layers") else
+           f"hidden {rec['dense']['hidden_size']} -> {rec['hidden_size']}" if kind == "slicegpt" else
            f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
     ev = import_evaluate()
     return (f"round {rec['round']} | {kind} {cut} | width {model.config.intermediate_size} | layers "
@@ -780,7 +1035,9 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config
     P0, P = last["dense"]["params"]["total"], last["params_after"]["total"]
     lines = [f"done: {human(P0)} -> {human(P)} parameters ({1 - P / P0:.1%} removed) in {last['round']} rounds: "
              f"{last['dense']['num_hidden_layers']} -> {len(last['kept_layers'])} layers, FFN width "
-             f"{last['dense']['intermediate_size']} -> {len(last['kept_neurons'][0])}"]
+             f"{last['dense']['intermediate_size']} -> {len(last['kept_neurons'][0])}" + (
+                 f", hidden size {last['dense']['hidden_size']} -> {last['hidden_size']}" if "hidden_size" in last
+                 else "")]
     ev = import_evaluate()
     if dense_eval:
         lines.append(f"  {ev.summary_line('dense', dense_eval)}")
@@ -788,7 +1045,9 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config
         lines += [f"  round {r['round']}: {ev.summary_line(name, r[key])}" for key, name in
                   (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in r else "pruned")) if key in r]
     model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
-    lines += [f"checkpoints (ordinary Hugging Face ones): {out}/round_1 .. round_{last['round']}",
+    kind = ("SliceGPT ones: ptl_common.load_model reads them, stock loaders cannot" if "hidden_size" in last
+            else "ordinary Hugging Face ones")
+    lines += [f"checkpoints ({kind}): {out}/round_1 .. round_{last['round']}",
               f"next: python evaluate.py --model {model} --compare {out}/round_{last['round']} --tasks offline "
               "--limit 200     # accuracy and speed against the dense model"]
     if dense_eval:
@@ -815,9 +1074,7 @@ def main(cfg: Config) -> dict:
                        layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
     while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
         t, t0, before = state["round"] + 1, time.time(), count_params(model)
-        calib, protect = calibration(t)
-        s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg, t)  # lines 4-6
-        rec = prune_round(model, kind, s_neu, s_lay, rcfg, state)  # line 7
+        rec, tensors = cut(model, kind, calibration(t), rcfg, state, t)
         if rec is None:
             continue
         state["round"] = t
@@ -830,10 +1087,10 @@ def main(cfg: Config) -> dict:
             rec["eval"] = evaluate_round(model, tok, cfg)
         rec["calibration"] = {"data": cfg.calib_data, "rows": calibration.rows(t)}
         rec.update(copy.deepcopy(state), kind=cfg.baseline if kind == "once" else kind, params_before=before,
-                   params_after=count_params(model), scores=score_summary(s_neu, s_lay, rec["neurons_per_layer"]),
-                   layer_rule=rcfg.layer_rule, time_s=time.time() - t0, config=asdict(cfg))
+                   params_after=count_params(model), layer_rule=rcfg.layer_rule, time_s=time.time() - t0,
+                   config=asdict(cfg))
         save_checkpoint(out / f"round_{t}", model, tok, json_files={"ptl_record.json": rec},
-                        tensors={"scores.safetensors": {"neuron_scores": s_neu, "layer_scores": s_lay}},
+                        tensors={"scores.safetensors": tensors},
                         copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
         if d.main:
             shutil.rmtree(work, ignore_errors=True)

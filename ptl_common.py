@@ -407,9 +407,11 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     local = Path(path).is_dir() or hub_unreachable()  # offline: the cache at once, not after minutes of retries
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=local)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn,
-                                                     local_files_only=local)
+        sliced = sliced_config(path)  # the tokenizer reads the config too, for its class
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=local, **({"config": sliced} if sliced else {}))
+        cls = sliced_class(AutoModelForCausalLM._model_mapping[type(sliced)]) if sliced else AutoModelForCausalLM
+        model = cls.from_pretrained(path, config=sliced, dtype=getattr(torch, dtype), attn_implementation=attn,
+                                    local_files_only=local)
     except OSError as e:
         why = "the Hugging Face hub cannot be reached and it is not in the cache" if local else str(e).splitlines()[0]
         raise FileNotFoundError(f"Could not load model {name!r}: it is not a local checkpoint directory, and {why}. "
@@ -417,6 +419,89 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------- SliceGPT checkpoints
+# A SliceGPT model (ptl.py --baseline slicegpt) is a stock decoder of hidden size d' plus two d' x d' matrices per
+# layer on the residual path (the change of basis between the PCA bases before attention, before the MLP and after
+# the block). No stock class has them, so config.json says model_type "ptl_slicegpt" (a stock loader fails, naming
+# it) and load_model builds the stock class of slicegpt.base_model_type with the shortcuts added.
+
+SLICED = "ptl_slicegpt"
+
+
+def sliced_forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    """A pre-norm decoder layer with SliceGPT's shortcuts: h = x S_attn + attn(norm(x)); out = h S_mlp + mlp(norm(h)).
+    x (B, T, d'_in) in the basis of this block's input, S_attn (d'_in, d'_mid), S_mlp (d'_mid, d'_out)."""
+    a = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)[0]
+    h = hidden_states @ self.attn_shortcut + a
+    return h @ self.mlp_shortcut + self.mlp(self.post_attention_layernorm(h))
+
+
+@functools.cache
+def sliced_class(base: type) -> type:
+    """`base` (a decoder layer or CausalLM class) with SliceGPT's residual shortcuts: a layer gets sliced_forward; a
+    CausalLM adds the shortcut parameters to its layers when built, and saves with model_type "ptl_slicegpt"."""
+    if hasattr(base, "get_output_embeddings"):
+        def __init__(self, config):
+            base.__init__(self, config)
+            add_shortcuts(self)
+
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            base.save_pretrained(self, save_directory, *args, **kwargs)
+            path = Path(save_directory) / "config.json"
+            atomic_write_json(path, {**json.loads(path.read_text()), "model_type": SLICED})
+
+        attrs = {"__init__": __init__, "save_pretrained": save_pretrained}
+    else:
+        attrs = {"forward": sliced_forward}
+    return type(f"SliceGPT{base.__name__}", (base,), {**attrs, "is_slicegpt": True})
+
+
+def add_shortcuts(model, shortcuts: list | None = None) -> None:
+    """Make `model` (config.hidden_size d', config.slicegpt set) a SliceGPT model in place: each layer gets its pair of
+    shortcuts (identity if not given) and sliced_forward, and every pre-norm computes RMSN over the dense width d
+    (SliceGPT's RMSN: a norm over d' would see the sliced-off energy as missing), through eps' = eps d / d'."""
+    w, d = model.config.hidden_size, model.config.slicegpt["hidden_size_dense"]
+    p = next(model.parameters())
+    eye = functools.partial(torch.eye, w, dtype=p.dtype, device=p.device)
+    layers = model.base_model.layers
+    for layer, (s_attn, s_mlp) in zip(layers, shortcuts or [(eye(), eye()) for _ in layers]):
+        layer.attn_shortcut = torch.nn.Parameter(s_attn)  # (d'_in, d'_mid)
+        layer.mlp_shortcut = torch.nn.Parameter(s_mlp)  # (d'_mid, d'_out)
+        layer.__class__ = type(layer) if getattr(layer, "is_slicegpt", False) else sliced_class(type(layer))
+        for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+            norm.variance_epsilon = model.config.rms_norm_eps * d / w
+    model.base_model.norm.variance_epsilon = model.config.rms_norm_eps * d / w
+    model.__class__ = type(model) if getattr(type(model), "is_slicegpt", False) else sliced_class(type(model))
+
+
+def sliced_config(path: str | Path):
+    """The stock config (of slicegpt.base_model_type) of a SliceGPT checkpoint directory, or None for any other."""
+    from transformers import AutoConfig
+
+    file = Path(path) / "config.json"
+    raw = json.loads(file.read_text()) if file.is_file() else {}
+    if raw.get("model_type") != SLICED:
+        return None
+    raw.pop("model_type")
+    return AutoConfig.for_model(raw["slicegpt"]["base_model_type"], **raw)
+
+
+def load_config(path: str | Path):
+    """A checkpoint's config, SliceGPT ones included (AutoConfig alone refuses their model_type)."""
+    from transformers import AutoConfig
+
+    return sliced_config(path) or AutoConfig.from_pretrained(path)
+
+
+def from_config(config, **kwargs):
+    """A freshly built model of `config`: AutoModelForCausalLM.from_config, or the SliceGPT class of a sliced config."""
+    from transformers import AutoModelForCausalLM
+
+    if getattr(config, "slicegpt", None) is None:
+        return AutoModelForCausalLM.from_config(config, **kwargs)
+    return sliced_class(AutoModelForCausalLM._model_mapping[type(config)])(config)
 
 
 def count_params(model: torch.nn.Module) -> dict:

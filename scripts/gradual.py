@@ -32,6 +32,12 @@ curve were measured first, to size the rest):
    --budget texts, which separates "gradual helps" from "more training helps".
 6. Recovery: lr --recovery-lr (half the dense lr), --recovery-batch blocks of --max-length tokens per step,
    warmup 5% then cosine within every recovery run, bf16 autocast over fp32 master weights; calibration in fp32.
+7. Other one-cut baselines (issue 14; added after 1-6 had run, fixed before any of them ran): at --baseline-size,
+   with every seed and the whole --budget in one recovery run, like Prune-Once: SliceGPT (`--baseline slicegpt`,
+   the same --target-ratio, so the same total parameter count), Prune-Once with LLM-Pruner's element-wise Taylor
+   neuron criterion (`--neuron-rule taylor`: PTL's and Prune-Once's architecture, another choice of neurons), and
+   ShortGPT (`--baseline shortgpt`: whole layers by Block Influence, the same --target-ratio). Each is compared
+   with PTL, paired by seed and problem, like Prune-Once.
 
 Every cell is a plain recover.py / ptl.py / evaluate.py command; --jobs of them run at once, the CPU cores split
 between them. A cell leaves OUT/<cell>/ (its final model, for other benchmarks later: the last round_<T>/ of a
@@ -81,6 +87,8 @@ class Config:
     curve_budgets: str = flag("140,280", "further budgets at --curve-size")
     curve_seeds: str = flag("1", "seeds of the further budgets, and of PTL without recovery (Prune-Once without: "
                                  "every seed)")
+    baselines: str = flag("slicegpt,taylor,shortgpt", "one-cut baselines at --baseline-size, every seed, --budget")
+    baseline_size: float = flag(0.30, "the size of the other baselines (one of --sizes)")
     recovery_lr: float = flag(1e-4, "peak lr of every recovery run")
     recovery_batch: int = flag(4, "blocks per recovery step")
     micro_batch: int = flag(4, "blocks per forward pass, in every training")
@@ -101,12 +109,20 @@ class Config:
             raise ValueError("need --jobs >= 1, --budget >= 1, --eval-n >= 1 and at least one seed")
         if self.curve_size not in self.size_list():
             raise ValueError(f"--curve-size {self.curve_size} must be one of --sizes {self.sizes}")
+        unknown = set(self.baseline_list()) - set(ONE_CUT) | {"once"} & set(self.baseline_list())
+        if unknown:
+            raise ValueError(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(list(ONE_CUT)[1:])}")
+        if self.baseline_list() and self.baseline_size not in self.size_list():
+            raise ValueError(f"--baseline-size {self.baseline_size} must be one of --sizes {self.sizes}")
 
     def size_list(self) -> list[float]:
         return [float(x) for x in self.sizes.split(",") if x]
 
     def seed_list(self) -> list[int]:
         return [int(x) for x in self.seeds.split(",") if x]
+
+    def baseline_list(self) -> list[str]:
+        return [x for x in self.baselines.split(",") if x]
 
     def plan(self, size: float) -> list[tuple[int, int, str]]:
         """(budget, seed, method) of every compressed model at `size`: both methods at --budget with every seed;
@@ -117,8 +133,15 @@ class Config:
         if size == self.curve_size:
             todo += [(0, s, "ptl") for s in few]
             todo += [(int(b), s, m) for b in self.curve_budgets.split(",") if b for s in few for m in ("ptl", "once")]
+        if size == self.baseline_size:
+            todo += [(self.budget, s, m) for s in seeds for m in self.baseline_list()]
         return todo
 
+
+# ptl.py flags of the one-cut methods: Prune-Once and the baselines of step 7 (SliceGPT and ShortGPT take their size
+# from --target-ratio alone).
+ONE_CUT = {"once": ["--baseline", "prune-once"], "taylor": ["--baseline", "prune-once", "--neuron-rule", "taylor"],
+           "slicegpt": ["--baseline", "slicegpt"], "shortgpt": ["--baseline", "shortgpt"]}
 
 # Settings that do not change what a cell computes: how and where the driver runs.
 NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print"}
@@ -169,9 +192,10 @@ def model_cells(cfg: Config) -> list[Cell]:
                                  f"{size}: make --budget and --curve-budgets multiples of {rounds}")
             name = f"{method}-{round(100 * size)}-b{budget}-s{seed}"
             cmd = [PY, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(out / name), "--target-ratio",
-                   str(ratio), "--layer-target", str(cfg.layer_target), "--neuron-step", str(cfg.neuron_step),
-                   "--calib-samples", str(cfg.calib_samples), "--max-length", str(cfg.max_length), "--seed", str(seed)]
-            cmd += ["--baseline", "prune-once"] if method == "once" else []
+                   str(ratio), "--calib-samples", str(cfg.calib_samples), "--max-length", str(cfg.max_length),
+                   "--seed", str(seed), *ONE_CUT.get(method, [])]
+            if method in ("ptl", "once", "taylor"):  # the shape of PTL's final model
+                cmd += ["--layer-target", str(cfg.layer_target), "--neuron-step", str(cfg.neuron_step)]
             if budget:  # PTL: budget / rounds texts after each round; Prune-Once: all of them at once
                 texts = budget // rounds if method == "ptl" else budget
                 cmd += ["--recovery", "cpt", "--cpt-flags", shlex.join(
@@ -217,8 +241,8 @@ def run_cell(cell: Cell, cfg: Config, threads: int) -> dict:
     path = Path(cfg.results) / f"{cell.name}.json"
     if path.exists():
         old = json.loads(path.read_text())
-        if old["settings"] != settings(cfg):
-            diff = {k: (v, settings(cfg).get(k)) for k, v in old["settings"].items() if settings(cfg).get(k) != v}
+        diff = {k: (v, settings(cfg).get(k)) for k, v in old["settings"].items() if settings(cfg).get(k) != v}
+        if diff:  # a setting added later (absent from old results) does not change what they computed
             raise ValueError(f"{path} was made with other settings {diff} (old, new): repeat its flags, or use "
                              "another --results and --out")
         return old
@@ -263,14 +287,13 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
     """RESULTS/<cell>.json: what the cell is, its size and recovery, and each held-out problem's outcome, in the
     order of evaluate.py's `offline` benchmark (problems are named by a hash of their text, to check alignment)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ptl_common import count_params
+    from ptl_common import count_params, from_config, load_config
 
     r = ev[str(model)]["offline"]
-    conf = AutoConfig.from_pretrained(model)
+    conf = load_config(model)
     with torch.device("meta"):
-        params = count_params(AutoModelForCausalLM.from_config(conf))
+        params = count_params(from_config(conf))
     recs = [load_record(cell.model / f"round_{t}") for t in finished_rounds(cell.model)]
     parts = [v for rec in recs for v in rec.get("recovery", {}).values()]
     step = int(cell.name.rsplit("step", 1)[1]) if "-step" in cell.name else None
@@ -279,7 +302,8 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
     else:
         tokens = sum(p["tokens"] for p in parts) if parts else (step or 0) * cfg.dense_batch * cfg.max_length
     return {"cell": cell.name, "method": cell.method, "size": cell.size, "budget": cell.budget, "seed": cell.seed,
-            "step": step, "layers": conf.num_hidden_layers, "width": conf.intermediate_size, "params": params,
+            "step": step, "layers": conf.num_hidden_layers, "width": conf.intermediate_size,
+            "hidden": conf.hidden_size, "params": params,
             "rounds": len(recs), "train_tokens": tokens, "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
             "accuracy": r["accuracy"], "gold_logprob": r["gold_logprob"], "n": r["n"], "settings": settings(cfg),
             "problems": [hashlib.sha1(s["question"].encode()).hexdigest()[:10] for s in r["samples"]],

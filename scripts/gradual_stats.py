@@ -8,10 +8,11 @@ log-probability, for every model).
 Statistics, chosen with the design and before the comparison was run:
 1. Per method, size and budget: accuracy and mean gold log-probability, mean +- s.d. over seeds; retention =
    accuracy / the dense model's accuracy on the same problems.
-2. PTL - Prune-Once, paired: d[s, i] = x_PTL[s, i] - x_once[s, i] for problem i under seed s (PTL and Prune-Once of
-   one seed share calibration sample and recovery texts). Mean over seeds and problems, with a 95% percentile
-   interval from a two-way bootstrap: seeds and problems resampled independently (--reps times, numpy seed 0),
-   because every seed answers the same problems (crossed, not nested). Per-seed differences are listed beside it.
+2. PTL - Prune-Once (and PTL - each other one-cut baseline), paired: d[s, i] = x_PTL[s, i] - x_once[s, i] for
+   problem i under seed s (PTL and a one-cut method of one seed share calibration sample and recovery texts).
+   Mean over seeds and problems, with a 95% percentile interval from a two-way bootstrap: seeds and problems
+   resampled independently (--reps times, numpy seed 0), because every seed answers the same problems (crossed,
+   not nested). Per-seed differences are listed beside it.
 3. McNemar's exact two-sided test on the discordant pairs pooled over seeds: b = PTL right and Prune-Once wrong,
    c = the reverse; p = P(|Binomial(b + c, 1/2) - (b + c)/2| >= |b - (b + c)/2|).
 """
@@ -30,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from ptl_common import flag, human, run_cli  # noqa: E402
 
-LABEL = {"ptl": "PTL", "once": "Prune-Once"}
+LABEL = {"ptl": "PTL", "once": "Prune-Once", "taylor": "Prune-Once, LLM-Pruner criterion", "slicegpt": "SliceGPT",
+         "shortgpt": "ShortGPT"}
 
 
 @dataclass
@@ -86,10 +88,10 @@ def group(cells: dict, method: str, size: float, budget: int) -> dict[int, dict]
     return {c["seed"]: c for c in cells.values() if (c["method"], c["size"], c["budget"]) == (method, size, budget)}
 
 
-def compare(cells: dict, size: float, budget: int, reps: int) -> dict | None:
-    """PTL - Prune-Once at one size and budget, paired on the seeds both have (None if they share none):
-    differences of accuracy (points) and of gold log-prob, per problem and seed."""
-    p, o = group(cells, "ptl", size, budget), group(cells, "once", size, budget)
+def compare(cells: dict, size: float, budget: int, reps: int, other: str = "once") -> dict | None:
+    """PTL - `other` (a one-cut method) at one size and budget, paired on the seeds both have (None if they share
+    none): differences of accuracy (points) and of gold log-prob, per problem and seed."""
+    p, o = group(cells, "ptl", size, budget), group(cells, other, size, budget)
     seeds = sorted(set(p) & set(o))
     if not seeds:
         return None
@@ -97,7 +99,8 @@ def compare(cells: dict, size: float, budget: int, reps: int) -> dict | None:
     lp_p, lp_o = (np.array([g[s]["gold_logprobs"] for s in seeds]) for g in (p, o))
     d, dl = 100 * (acc_p - acc_o), lp_p - lp_o
     b, c = int(((acc_p == 1) & (acc_o == 0)).sum()), int(((acc_p == 0) & (acc_o == 1)).sum())
-    return {"size": size, "budget": budget, "seeds": seeds, "n": d.shape[1], "acc_diff": float(d.mean()),
+    return {"other": other, "size": size, "budget": budget, "seeds": seeds, "n": d.shape[1],
+            "acc_diff": float(d.mean()),
             "acc_ci": crossed_bootstrap(d, reps), "acc_per_seed": d.mean(1).tolist(), "b": b, "c": c,
             "discordant": (b + c) / d.size, "mcnemar_p": mcnemar_exact(b, c), "lp_diff": float(dl.mean()),
             "lp_ci": crossed_bootstrap(dl, reps), "lp_per_seed": dl.mean(1).tolist()}
@@ -112,7 +115,8 @@ def summary(cells: dict, method: str, size: float, budget: int) -> dict:
     def sd(x: np.ndarray) -> float | None:
         return float(x.std(ddof=1)) if len(x) > 1 else None
     return {"method": method, "size": size, "budget": budget, "seeds": len(runs), "params": runs[0]["params"],
-            "layers": runs[0]["layers"], "width": runs[0]["width"], "rounds": runs[0]["rounds"],
+            "layers": runs[0]["layers"], "width": runs[0]["width"], "hidden": runs[0].get("hidden"),
+            "rounds": runs[0]["rounds"],
             "acc": float(acc.mean()), "acc_sd": sd(acc), "retention": float(acc.mean() / dense) if dense else None,
             "lp": float(lp.mean()), "lp_sd": sd(lp), "tokens": float(np.mean([c["train_tokens"] for c in runs])),
             "train_min": float(np.mean([c["train_s"] for c in runs])) / 60}
@@ -142,27 +146,30 @@ def model_table(cells: dict, sizes: list[float], budgets: dict) -> str:
              f"{100 * np.mean(d['correct']):.1f} | 1.00 | {np.mean(d['gold_logprobs']):.4f} | — |"]
     for size in sizes:
         for budget in budgets[size]:
-            for method in ("once", "ptl"):
+            for method in LABEL:
                 if not group(cells, method, size, budget):
                     continue
                 s = summary(cells, method, size, budget)
+                shape = f"{s['layers']} x {s['width']}" + (f", hidden {s['hidden']}" if s["hidden"] not in
+                                                              (None, d.get("hidden")) else "")
                 lines.append(f"| {100 * size:.0f}% | {LABEL[method]} | {budget_label(budget)} | {s['seeds']} | "
-                             f"{s['layers']} x {s['width']} | {human(s['params']['total'])} | {s['rounds']} | "
+                             f"{shape} | {human(s['params']['total'])} | {s['rounds']} | "
                              f"{mean_sd(s['acc'], s['acc_sd'], '.1f')} | {fmt(s['retention'], '.2f')} | "
                              f"{mean_sd(s['lp'], s['lp_sd'], '.4f')} | {human(s['tokens']) if s['tokens'] else '—'} |")
     return "\n".join(lines) + "\n"
 
 
 def diff_table(comps: list[dict]) -> str:
-    head = ["removed (non-emb.)", "recovery", "seeds", "PTL − Prune-Once, accuracy (points) [95% CI]", "per seed",
-            "McNemar b / c, p", "gold log-prob difference [95% CI]"]
+    head = ["removed (non-emb.)", "recovery", "seeds", "PTL − ...", "accuracy difference (points) [95% CI]",
+            "per seed", "McNemar b / c, p", "gold log-prob difference [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in comps:
         lo, hi = c["acc_ci"]
         llo, lhi = c["lp_ci"]
         per_seed = ", ".join(f"{x:+.1f}" for x in c["acc_per_seed"])
         lines.append(f"| {100 * c['size']:.0f}% | {budget_label(c['budget'])} | {len(c['seeds'])} | "
-                     f"{c['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per_seed} | {c['b']} / {c['c']}, "
+                     f"{LABEL[c['other']]} | {c['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per_seed} | "
+                     f"{c['b']} / {c['c']}, "
                      f"p = {c['mcnemar_p']:.2g} | {c['lp_diff']:+.4f} [{llo:+.4f}, {lhi:+.4f}] |")
     return "\n".join(lines) + "\n"
 
@@ -215,7 +222,8 @@ def main(cfg: Config) -> dict:
     compressed = [c for c in cells.values() if c["method"] in LABEL]
     sizes = sorted({c["size"] for c in compressed})
     budgets = {s: sorted({c["budget"] for c in compressed if c["size"] == s}) for s in sizes}
-    comps = [c for s in sizes for b in reversed(budgets[s]) if (c := compare(cells, s, b, cfg.reps))]
+    comps = [c for s in sizes for b in reversed(budgets[s]) for other in list(LABEL)[1:]
+             if (c := compare(cells, s, b, cfg.reps, other))]
     curve = max(sizes, key=lambda s: len(budgets[s]))
     d = cells["dense"]
     snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import ptl_common
-from conftest import assert_trained_alike
+from conftest import assert_trained_alike, logits, padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +61,14 @@ def test_two_ranks_rank_layers_like_one_with_the_whole_model_criteria(rule, tiny
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     ra, rb = (ptl_common.load_record(d / "round_1") for d in (one, two))
     assert ra["removed_layers"] == rb["removed_layers"]
+
+
+def test_two_ranks_slice_like_one(tiny_dirs, tmp_path):
+    flags = ["--model", tiny_dirs["qwen2"], "--baseline", "slicegpt", "--target-ratio", "0.2", "--calib-samples", "14",
+             "--max-length", "48", "--batch-size", "2"]
+    one, two = one_and_two_processes(flags, tmp_path)
+    a, b = (load_file(d / "round_1" / "scores.safetensors")["pca_eigenvalues"] for d in (one, two))
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # the covariances are summed over ranks
+    batch = padded_batch(0)  # an eigenvector's sign is arbitrary, so compare what the two models compute
+    x, y = (logits(ptl_common.load_model(str(d / "round_1"), attn="eager")[0], batch) for d in (one, two))
+    torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

@@ -19,7 +19,7 @@ def tiny(tmp_path, model, **kw) -> gradual.Config:
     return gradual.Config(**{**dict(
         out=str(tmp_path / "out"), results=str(tmp_path / "results"), model=model, dense_samples=24,
         dense_batch=2, snapshot_every=12, sizes="0.45", curve_size=0.45, layer_target=1, neuron_step=0.25, budget=12,
-        curve_budgets="6", seeds="1,2", curve_seeds="2", recovery_batch=2, micro_batch=2, max_length=48,
+        curve_budgets="6", seeds="1,2", curve_seeds="2", baseline_size=0.45, recovery_batch=2, micro_batch=2, max_length=48,
         calib_samples=4, eval_n=5, curve_eval_n=3, max_new_tokens=3, eval_batch=5, in_process=True), **kw})
 
 
@@ -29,8 +29,14 @@ def test_the_experiment_runs_end_to_end_on_a_tiny_model_and_its_results_recomput
     cells = res["cells"]
     steps = json.loads((Path(cfg.out) / "dense" / "train_summary.json").read_text())["steps"]
     snapshots = {f"dense-step{k}" for k in range(0, steps, 12)}
+    baselines = {f"{m}-45-b12-s{s}" for m in ("taylor", "slicegpt", "shortgpt") for s in (1, 2)}
     assert set(cells) == {"dense", *snapshots, "ptl-45-b12-s1", "ptl-45-b12-s2", "once-45-b12-s1", "once-45-b12-s2",
-                          "once-45-b0-s1", "once-45-b0-s2", "ptl-45-b0-s2", "ptl-45-b6-s2", "once-45-b6-s2"}
+                          "once-45-b0-s1", "once-45-b0-s2", "ptl-45-b0-s2", "ptl-45-b6-s2", "once-45-b6-s2", *baselines}
+    for name in baselines:  # one cut, the same recovery texts as PTL, at most PTL's size (the same for taylor)
+        b, p = cells[name], cells["ptl-45-b12-s" + name[-1]]
+        assert b["rounds"] == 1 and b["train_tokens"] == p["train_tokens"] and b["problems"] == p["problems"]
+        assert b["params"]["total"] <= p["params"]["total"] if "taylor" not in name else b["params"] == p["params"]
+    assert cells["slicegpt-45-b12-s1"]["hidden"] < cells["dense"]["hidden"]
     for name, p in cells.items():
         if p["method"] == "ptl":
             o = cells[name.replace("ptl", "once")]
@@ -56,7 +62,7 @@ def test_the_experiment_runs_end_to_end_on_a_tiny_model_and_its_results_recomput
 
 
 def test_a_finished_cell_is_skipped_and_one_made_with_other_settings_is_refused(tmp_path, tiny_dirs):
-    cfg = tiny(tmp_path, tiny_dirs["llama"], curve_budgets="", seeds="1")
+    cfg = tiny(tmp_path, tiny_dirs["llama"], curve_budgets="", seeds="1", baselines="")
     first = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
     assert set(first) == {"dense", "ptl-45-b12-s1"}, "one cell on its own, after the dense model it starts from"
     again = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
