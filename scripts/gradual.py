@@ -144,7 +144,7 @@ ONE_CUT = {"once": ["--baseline", "prune-once"], "taylor": ["--baseline", "prune
            "slicegpt": ["--baseline", "slicegpt"], "shortgpt": ["--baseline", "shortgpt"]}
 
 # Settings that do not change what a cell computes: how and where the driver runs.
-NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print"}
+NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print", "baselines"}  # baselines: which cells, not how
 
 
 class Cell(NamedTuple):

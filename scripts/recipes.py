@@ -6,8 +6,8 @@ noted where they differ), run as a sequence of ptl.py / recover.py / grpo.py / e
     python scripts/recipes.py table1-llama --gpus 8         # run them (needs the hub and the hardware)
 
 They need a GPU cluster and network; offline each stops at the first hub download with a clear message
-(tests/test_recipes.py). SliceGPT (a Table 1 baseline) is not implemented. A miniature of Table 1 that runs on
-two CPU cores: scripts/gradual.py (PTL against Prune-Once, powered and paired).
+(tests/test_recipes.py). A miniature of Table 1 that runs on two CPU cores: scripts/gradual.py (PTL against
+Prune-Once, SliceGPT, the LLM-Pruner criterion and ShortGPT, powered and paired).
 """
 from __future__ import annotations
 
@@ -63,13 +63,18 @@ class Recipe:
     # {rounds:DIR*N} = N x the rounds DIR holds (Prune-Once's recovery budget = PTL's over all its rounds)
 
 
+# SliceGPT's own calibration (Ashkboos et al., 2024: 1024 sequences of 2048 tokens), on Table 1's math data
+SLICE_CALIB = f"--calib-data {MATH} --calib-samples 1024 --max-length 2048 --batch-size 4"
+
+
 def depth_only(base: str) -> str:
-    """A model's flags without the neuron step and layer count, which ShortGPT (depth only) does not take."""
+    """A model's flags without the neuron step and layer count, which ShortGPT and SliceGPT do not take."""
     return re.sub(r" --(neuron-step|layer-target) \S+", "", base)
 
 
-def table1(base: str, out: str, recovery: str, paper: str, hardware: str) -> Recipe:
-    """PTL, Prune-Once and ShortGPT at the same target and the same recovery, then Table 1's metrics."""
+def table1(base: str, out: str, recovery: str, paper: str, hardware: str, slicegpt: bool = True) -> Recipe:
+    """PTL, Prune-Once, ShortGPT and SliceGPT (not for Gemma2, whose post-norms it cannot fold) at the same target and
+    the same recovery, then Table 1's metrics."""
     rec = f'--recovery {recovery} --{recovery}-flags "{CPT if recovery == "cpt" else GRPO}"'
     # Prune-Once and ShortGPT recover once, with all the data PTL used over its rounds
     once = rec.replace("--samples 100000", f"--samples {{rounds:{out}/ptl*100000}}").replace(
@@ -78,9 +83,11 @@ def table1(base: str, out: str, recovery: str, paper: str, hardware: str) -> Rec
         f"ptl {base} {CALIB} {rec} --eval-every-round --eval-flags \"{EVAL} --limit 200\" --out {out}/ptl",
         f"ptl {base} {CALIB} --baseline prune-once {once} --out {out}/prune_once",
         f"ptl {depth_only(base)} {CALIB} --baseline shortgpt {once} --out {out}/shortgpt",
-        # one process: the dense model and all three, accuracy each, speed timed alternately against the dense one
-        f"evaluate --model {base.split()[1]} --compare {{last:{out}/ptl}},{{last:{out}/prune_once}},"
-        f"{{last:{out}/shortgpt}} {EVAL} --out {out}/eval.json",
+        *([f"ptl {depth_only(base)} {SLICE_CALIB} --baseline slicegpt {once} --out {out}/slicegpt"] * slicegpt),
+        # one process: the dense model and every compressed one, accuracy each, speed timed alternately against dense
+        f"evaluate --model {base.split()[1]} --compare " + ",".join(
+            f"{{last:{out}/{m}}}" for m in ["ptl", "prune_once", "shortgpt"] + ["slicegpt"] * slicegpt)
+        + f" {EVAL} --out {out}/eval.json",
         f"evaluate --report {out}/ptl"])
 
 
@@ -88,7 +95,7 @@ RECIPES = {
     "table1-llama": table1(LLAMA, "out/llama3", "cpt", "PTL-Llama3-5B (CPT): GSM8K 52.5, Minerva 18.5, MATH-500 16.1; "
                            "6.3T FLOPs, 2.6x speedup (dense 54.7 / 16.0 / 14.6)", "8x A100-80GB"),
     "table1-gemma": table1(GEMMA, "out/gemma2", "cpt", "PTL-Gemma2-5B (CPT): GSM8K 70.6, Minerva 26.4, MATH-500 26.2; "
-                           "6.1T FLOPs, 1.3x (dense 70.0 / 29.1 / 26.9)", "8x A100-80GB"),
+                           "6.1T FLOPs, 1.3x (dense 70.0 / 29.1 / 26.9)", "8x A100-80GB", slicegpt=False),
     "table1-qwen-rl": table1(QWEN, "out/qwen", "grpo", "PTL-Qwen2.5-5B (RL): GSM8K 84.9, Minerva 24.1, MATH-500 61.2; "
                              "4.9T FLOPs, 1.2x (dense 85.7 / 26.1 / 61.0)", "8x A100-80GB"),
     "table2": Recipe("8x A100-80GB", "PTL-Qwen2.5 CT + RL: GSM8K 86.9, Minerva 34.2 (dense 85.7 / 26.1)", [

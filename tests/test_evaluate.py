@@ -141,9 +141,12 @@ def _gsm8k_dir(tmp_path: Path, n: int = 3) -> Path:
     return tmp_path
 
 
-def test_both_engines_make_the_same_generations_and_extract_the_same_answers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("sliced", [False, True], ids=["stock", "slicegpt"])
+def test_both_engines_make_the_same_generations_and_extract_the_same_answers(sliced, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tok = tiny_model("llama", layers=2, max_position_embeddings=4096), char_tokenizer()
+    if sliced:  # a SliceGPT model goes through lm-eval's HFLM like a stock one
+        ptl.slice_model(model, [tok(["Tom has 3 apples.", "How many?"], return_tensors="pt", padding=True)], 16)
     cfg = ev.Config(tasks="gsm8k", data_dir=str(_gsm8k_dir(tmp_path)), limit=3, max_new_tokens=24, batch_size=2,
                     device="cpu")
     ours = ev.evaluate_model(model, tok, cfg)["gsm8k"]
