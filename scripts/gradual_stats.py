@@ -150,8 +150,8 @@ def model_table(cells: dict, sizes: list[float], budgets: dict) -> str:
                 if not group(cells, method, size, budget):
                     continue
                 s = summary(cells, method, size, budget)
-                shape = f"{s['layers']} x {s['width']}" + (f", hidden {s['hidden']}" if s["hidden"] not in
-                                                              (None, d.get("hidden")) else "")
+                narrow = s["hidden"] and s["hidden"] < max(c.get("hidden") or 0 for c in cells.values())
+                shape = f"{s['layers']} x {s['width']}" + (f", hidden {s['hidden']}" if narrow else "")
                 lines.append(f"| {100 * size:.0f}% | {LABEL[method]} | {budget_label(budget)} | {s['seeds']} | "
                              f"{shape} | {human(s['params']['total'])} | {s['rounds']} | "
                              f"{mean_sd(s['acc'], s['acc_sd'], '.1f')} | {fmt(s['retention'], '.2f')} | "

@@ -19,7 +19,8 @@ def tiny(tmp_path, model, **kw) -> gradual.Config:
     return gradual.Config(**{**dict(
         out=str(tmp_path / "out"), results=str(tmp_path / "results"), model=model, dense_samples=24,
         dense_batch=2, snapshot_every=12, sizes="0.45", curve_size=0.45, layer_target=1, neuron_step=0.25, budget=12,
-        curve_budgets="6", seeds="1,2", curve_seeds="2", baseline_size=0.45, recovery_batch=2, micro_batch=2, max_length=48,
+        curve_budgets="6", seeds="1,2", curve_seeds="2", baseline_size=0.45, recovery_batch=2, micro_batch=2,
+        max_length=48,
         calib_samples=4, eval_n=5, curve_eval_n=3, max_new_tokens=3, eval_batch=5, in_process=True), **kw})
 
 
