@@ -574,7 +574,8 @@ def slice_block(layer: nn.Module, xs: list, kws: list, masks: list, P: torch.Ten
     val_mid, Q = pca_basis(signal_covariance(run_layer(layer, xs, kws, tap=layer.post_attention_layernorm), masks))
     M = Q[:, :width]
     layer.attn_shortcut, layer.mlp_shortcut = as_w(P.T @ M), as_w(M.T)
-    rotate(o, M, "out"), rotate(gate, M, "in"), rotate(up, M, "in")
+    for lin, side in ((o, "out"), (gate, "in"), (up, "in")):
+        rotate(lin, M, side)
     narrow_norm(layer.post_attention_layernorm, width, dense)
     outs = run_layer(layer, xs, kws)  # (B, T, d) in the original basis
     val_out, Q = pca_basis(signal_covariance(outs, masks))

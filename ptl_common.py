@@ -409,7 +409,7 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
     try:
         sliced = sliced_config(path)  # the tokenizer reads the config too, for its class
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local, **({"config": sliced} if sliced else {}))
-        cls = sliced_class(AutoModelForCausalLM._model_mapping[type(sliced)]) if sliced else AutoModelForCausalLM
+        cls = sliced_model_class(sliced) if sliced else AutoModelForCausalLM
         model = cls.from_pretrained(path, config=sliced, dtype=getattr(torch, dtype), attn_implementation=attn,
                                     local_files_only=local)
     except OSError as e:
@@ -495,13 +495,20 @@ def load_config(path: str | Path):
     return sliced_config(path) or AutoConfig.from_pretrained(path)
 
 
+def sliced_model_class(config) -> type:
+    """The SliceGPT class of a sliced config: the stock CausalLM class of its base model type, with shortcuts."""
+    from transformers import AutoModelForCausalLM
+
+    return sliced_class(AutoModelForCausalLM._model_mapping[type(config)])
+
+
 def from_config(config, **kwargs):
     """A freshly built model of `config`: AutoModelForCausalLM.from_config, or the SliceGPT class of a sliced config."""
     from transformers import AutoModelForCausalLM
 
     if getattr(config, "slicegpt", None) is None:
         return AutoModelForCausalLM.from_config(config, **kwargs)
-    return sliced_class(AutoModelForCausalLM._model_mapping[type(config)])(config)
+    return sliced_model_class(config)(config)
 
 
 def count_params(model: torch.nn.Module) -> dict:

@@ -109,7 +109,7 @@ class Config:
             raise ValueError("need --jobs >= 1, --budget >= 1, --eval-n >= 1 and at least one seed")
         if self.curve_size not in self.size_list():
             raise ValueError(f"--curve-size {self.curve_size} must be one of --sizes {self.sizes}")
-        unknown = set(self.baseline_list()) - set(ONE_CUT) | {"once"} & set(self.baseline_list())
+        unknown = set(self.baseline_list()) - (set(ONE_CUT) - {"once"})  # Prune-Once always runs
         if unknown:
             raise ValueError(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(list(ONE_CUT)[1:])}")
         if self.baseline_list() and self.baseline_size not in self.size_list():
