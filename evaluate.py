@@ -37,8 +37,6 @@ Choices:
 from __future__ import annotations
 
 import ast
-import copy
-import inspect
 import json
 import math
 import os
@@ -58,10 +56,11 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, chat_prompt,
-                        check_ranges, cleanup_dist, count_params, finished_rounds, flag, human, is_main, last_boxed,
-                        load_config, load_model, load_record, math_equal, parse_config, print0, question_answer,
-                        read_jsonl, run_cli, setup_dist, spread, unshadow_evaluate)
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, cache_arg,
+                        chat_prompt, check_ranges, cleanup_dist, count_params, decode, eos_ids, finished_rounds, flag,
+                        human, is_main, last_boxed, load_config, load_model, load_record, math_equal, parse_config,
+                        print0, question_answer, read_jsonl, repeat_cache, returned_cache, run_cli, setup_dist, spread,
+                        unshadow_evaluate)
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -296,53 +295,6 @@ def build_prompts(name: str, questions: list[str], tok, style: str) -> tuple[lis
 # ----------------------------------------------------------------------------- generation
 
 
-def cache_arg(model) -> str:
-    """The name of forward's KV-cache argument in the installed transformers: `cache` in recent 5.x (where
-    `past_key_values` warns, and goes in 5.40), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(res):
-    """The KV cache a forward returned (`cache`, or `past_key_values` in older transformers)."""
-    return res["cache"] if "cache" in res.keys() else res.past_key_values
-
-
-@torch.no_grad()
-def greedy(model, tok, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int,
-           stop: list[str]) -> list[list[int]]:
-    """Greedy decoding of a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the
-    first cache.get_seq_length() positions. A row leaves the batch (and its KV cache) the moment it ends: EOS,
-    a stop string in its decoded tail (lm-eval's rule), or max_new_tokens; HF generate would go on computing
-    finished rows until the longest one ends. -> the generated ids of each row, its last token included."""
-    cfg_eos = getattr(model.generation_config, "eos_token_id", None)  # an id or a list (Llama-3 instruct has 2)
-    eos = ({tok.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) - {None}
-    window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
-    rows, out = list(range(len(x))), [[] for _ in range(len(x))]
-    past = cache.get_seq_length() if cache is not None else 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
-    ids, pos_in = x[:, past:], pos[:, past:]
-    arg = cache_arg(model)  # once, not per token
-    for _ in range(max_new_tokens):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
-                    **{arg: cache})
-        cache, nxt = returned_cache(res), res.logits[:, -1].argmax(-1)
-        keep = []
-        for j, r in enumerate(rows):
-            out[r].append(int(nxt[j]))
-            tail = tok.decode(out[r][-window:]) if stop else ""
-            if not (out[r][-1] in eos or any(s in tail for s in stop) or len(out[r]) == max_new_tokens):
-                keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            k = torch.tensor(keep, device=x.device)
-            cache.batch_select_indices(k)
-            mask, pos_in, nxt, rows = mask[k], pos_in[k], nxt[k], [rows[j] for j in keep]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        ids, pos_in = nxt[:, None], pos_in[:, -1:] + 1
-    return out
-
-
 def _cut(text: str, stop: list[str]) -> str:
     """Text before the first stop string (lm-eval's post-processing)."""
     for s in stop:
@@ -371,15 +323,6 @@ def prefix_cache(model, ids: list[int]):
     if not ids:
         return None
     return returned_cache(model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True))
-
-
-def repeat_cache(cache, rows: int):
-    """A copy of a one-row cache for a batch of `rows` (None stays None)."""
-    if cache is None:
-        return None
-    cache = copy.deepcopy(cache)
-    cache.batch_repeat_interleave(rows)
-    return cache
 
 
 @torch.no_grad()
@@ -431,13 +374,13 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
 
     The longest token prefix that all prompts share (the few-shot examples) is run once; each batch starts
     from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first, and
-    a finished row leaves its batch at once (see greedy)."""
+    a finished row leaves its batch at once (see ptl_common.decode)."""
     dev = next(model.parameters()).device
     ids = [encode(tok, p, add_bos) for p in prompts]
     c = common_prefix(ids) if reuse_prefix else 0
     shared = prefix_cache(model, ids[0][:c])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    texts, lengths = [None] * len(prompts), [None] * len(prompts)
+    texts, lengths, eos = [None] * len(prompts), [None] * len(prompts), eos_ids(model, tok)
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not is_main(), leave=False):
         batch = order[s : s + batch_size]
@@ -448,8 +391,8 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
             x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
             x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
             mask[b, c + S - (len(ids[i]) - c) :] = 1
-        new = greedy(model, tok, x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)),
-                     max_new_tokens=max_new_tokens, stop=[s for s in stop if s])
+        new = decode(model, x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)), max_new_tokens=max_new_tokens,
+                     eos=eos, stop=[s for s in stop if s], tok=tok)
         for b, i in enumerate(batch):
             texts[i] = _cut(tok.decode(new[b], skip_special_tokens=True), stop)
             lengths[i] = (len(ids[i]), len(new[b]))

@@ -54,9 +54,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_, all_reduce_dict, chat_prompt, check_ranges,
-                        cleanup_dist, flag, last_boxed, load_model, load_rows, math_equal, question_answer, run_cli,
-                        setup_dist)
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, Sampling, all_reduce_, all_reduce_dict, chat_prompt,
+                        check_ranges, cleanup_dist, decode, flag, last_boxed, load_model, load_rows, math_equal,
+                        question_answer, repeat_cache, returned_cache, run_cli, setup_dist)
 from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -183,26 +183,46 @@ def render(tok, question: str, style: str) -> str:
 @torch.no_grad()
 def rollout(model, tok, prompts: list[str], cfg: "Config", seeds: list[int]) -> tuple[list, list]:
     """G sampled responses per prompt: (prompt ids, response ids up to and including the first EOS), G per
-    prompt in order. Each generate call is seeded, with every sampling parameter passed explicitly."""
+    prompt in order. Prompts go --gen-batch at a time (0: all at once), left-padded. The builtin engine
+    prefills each prompt once and copies its KV cache to its G rows, and a row leaves the batch at its EOS;
+    response g of prompt i draws with its own generator, seeded by (seeds[i], g), so it does not depend on the
+    batch or rank it was made in. --rollout-engine hf calls transformers' generate, seeded once per call."""
     model.eval()
-    P, R = [], []
+    P, R, G = [], [], cfg.group_size
     per_call = cfg.gen_batch or len(prompts)
     for s in range(0, len(prompts), per_call):
-        torch.manual_seed(seeds[s])
         enc = tok(prompts[s : s + per_call], return_tensors="pt", padding=True, truncation=True,
                   max_length=cfg.max_prompt_length, add_special_tokens=cfg.prompt != "chat",
                   padding_side="left").to(next(model.parameters()).device)
-        out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
-                             max_new_tokens=cfg.max_response_length, num_return_sequences=cfg.group_size,
-                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
-        resp = out[:, enc["input_ids"].shape[1]:]
-        keep = completion_mask(resp, tok.eos_token_id).sum(1).tolist()
-        for b in range(len(out)):
-            p = enc["input_ids"][b // cfg.group_size][enc["attention_mask"][b // cfg.group_size].bool()]
-            P.append(p.tolist())
-            R.append(resp[b, : keep[b]].tolist())
+        x, mask = enc["input_ids"], enc["attention_mask"]
+        if cfg.rollout_engine == "hf":
+            torch.manual_seed(seeds[s])
+            out = model.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p,
+                                 top_k=cfg.top_k, max_new_tokens=cfg.max_response_length, num_return_sequences=G,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, use_cache=True)
+            resp = out[:, x.shape[1]:]
+            new = [resp[b, : n].tolist() for b, n in enumerate(completion_mask(resp, tok.eos_token_id).sum(1))]
+        else:
+            new = sample_groups(model, x, mask, seeds[s : s + per_call], cfg, eos={tok.eos_token_id})
+        P += [x[b // G][mask[b // G].bool()].tolist() for b in range(len(new))]
+        R += new
     model.train()
     return P, R
+
+
+def sample_groups(model, x: torch.Tensor, mask: torch.Tensor, seeds: list[int], cfg: "Config", eos: set) -> list:
+    """G sampled continuations of each left-padded prompt x (B, T), mask (B, T): all but the last prompt token
+    are prefilled once per prompt, the cache is repeated for its G rows, and decode samples on from there."""
+    G, dev = cfg.group_size, x.device
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    cache = None
+    if x.shape[1] > 1:
+        cache = returned_cache(model(input_ids=x[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
+                                     use_cache=True, logits_to_keep=1))
+    gens = [torch.Generator(dev).manual_seed(hash((s, g)) % 2**63) for s in seeds for g in range(G)]
+    return decode(model, x.repeat_interleave(G, 0), mask.repeat_interleave(G, 0), repeat_cache(cache, G, copy=False),
+                  max_new_tokens=cfg.max_response_length, eos=eos,
+                  sampling=Sampling(cfg.temperature, cfg.top_p, cfg.top_k), gens=gens)
 
 
 def response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, temperature: float):
@@ -247,8 +267,11 @@ class Config:
     mini_batches: int = flag(1, "policy updates per rollout: rollout / global batch [paper: 128 / 128]; EasyR1 "
                                 "upstream 512 / 128 = 4")
     micro_batch: int = flag(8, "responses per forward/backward on one rank")
-    gen_batch: int = flag(0, "prompts per generate call (0: all of a rank's prompts, fastest; 1: rollouts "
-                             "independent of world size)")
+    gen_batch: int = flag(0, "prompts per decoding batch (0: all of a rank's prompts; with --rollout-engine hf, "
+                             "1 makes rollouts independent of world size)")
+    rollout_engine: Literal["builtin", "hf"] = flag(
+        "builtin", "builtin: ptl_common.decode (one prefill per prompt, finished rows leave the batch, a generator "
+                   "per response); hf: transformers' generate")
     lr: float = flag(1e-6, "constant [paper]")
     weight_decay: float = flag(1e-2, "[released]")
     max_grad_norm: float = flag(1.0, "[EasyR1 code]")

@@ -88,12 +88,27 @@ def check_supported(model: nn.Module) -> None:
 # ----------------------------------------------------------------------------- equations (pure)
 
 
-def neuron_score(act: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def neuron_score(act: torch.Tensor, mask: torch.Tensor, spans: list | None = None) -> torch.Tensor:
     """Eq. 3-4 statistic: s_j = max_x |Act_j(x)|, Act(x) = act_fn(W_gate x) * (W_up x), over real tokens x.
 
-    act (B, T, I) is the input of down_proj (that is Act itself); mask (B, T) bool.  -> (I,) fp32"""
-    lo, hi = torch.aminmax(act[mask], dim=0)  # (N, I) -> (I,), (I,): one read, no |act| copy
+    act (B, T, I) is the input of down_proj (that is Act itself); mask (B, T) bool; spans (optional, from
+    real_spans(mask)): each row's real tokens as one (start, end), read in place instead of gathered. -> (I,) fp32"""
+    if spans is None:
+        lo, hi = torch.aminmax(act[mask], dim=0)  # (N, I) -> (I,), (I,): no |act| copy
+    else:  # one read of each row's real tokens, no (N, I) copy
+        rows = [torch.aminmax(act[b, s:e], dim=0) for b, (s, e) in enumerate(spans)]  # B x ((I,), (I,))
+        lo, hi = torch.stack([r[0] for r in rows]).amin(0), torch.stack([r[1] for r in rows]).amax(0)
     return torch.maximum(hi, -lo).float()
+
+
+def real_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row of mask (B, T), the (start, end) of its real tokens when they are contiguous (left or right
+    padding, as tokenizers pad), else None."""
+    n, start = mask.sum(1), mask.int().argmax(1)
+    spans = list(zip(start.tolist(), (start + n).tolist()))
+    if any(e == s for s, e in spans) or not all(bool(mask[b, s:e].all()) for b, (s, e) in enumerate(spans)):
+        return None
+    return spans
 
 
 def redundant_neurons(s: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -178,7 +193,7 @@ def score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top: int, largest: 
 
     def eq4_hook(l):
         def fn(mod, args):
-            torch.maximum(neu[l], neuron_score(args[0], st["mask"]), out=neu[l])
+            torch.maximum(neu[l], neuron_score(args[0], st["mask"], st["spans"]), out=neu[l])
         return fn
 
     def released_hook(l, p):  # p: 0 = gate_proj output, 1 = up_proj output, 2 = Act (down_proj input)
@@ -235,6 +250,7 @@ def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: s
         for b in tqdm(batches, desc="calibration", disable=not is_main(), leave=False):
             b = {k: v.to(dev) for k, v in b.items()}
             st["mask"] = b["attention_mask"].bool()
+            st["spans"] = real_spans(st["mask"])
             count += torch.tensor([len(st["mask"]), st["mask"].sum()], dtype=torch.float64, device=dev)
             model.base_model(**b, use_cache=False)
     finally:

@@ -12,8 +12,10 @@ import errno
 import functools
 import hashlib
 import importlib.util
+import inspect
 import itertools
 import json
+import math
 import os
 import re
 import shutil
@@ -25,6 +27,7 @@ import types
 import typing
 import urllib.parse
 from contextlib import contextmanager
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -419,6 +422,98 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
+
+
+# ----------------------------------------------------------------------------- decoding (evaluate.py, grpo.py)
+
+
+def cache_arg(model) -> str:
+    """The name of forward's KV-cache argument in the installed transformers: `cache` in recent 5.x (where
+    `past_key_values` warns, and goes in 5.40), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(res):
+    """The KV cache a forward returned (`cache`, or `past_key_values` in older transformers)."""
+    return res["cache"] if "cache" in res.keys() else res.past_key_values
+
+
+def repeat_cache(cache, rows: int, *, copy: bool = True):
+    """The cache of a batch with each row repeated `rows` times in place (row i -> rows i*r .. i*r + r - 1), of a
+    copy unless copy=False (None stays None)."""
+    if cache is None:
+        return None
+    cache = deepcopy(cache) if copy else cache
+    cache.batch_repeat_interleave(rows)
+    return cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How decode draws a token: logits / temperature, then top-k, then top-p (transformers' order of warpers)."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def next_tokens(logits: torch.Tensor, sampling: Sampling | None, gens: list | None) -> torch.Tensor:
+    """(B,) next token ids from last-position logits (B, V): argmax without `sampling`, else one draw per row from
+    the filtered softmax with that row's own torch.Generator, so a row's tokens depend on its seed alone."""
+    if sampling is None:
+        return logits.argmax(-1)
+    z = logits.float() / sampling.temperature
+    if sampling.top_k:
+        kth = z.topk(min(sampling.top_k, z.shape[-1]), dim=-1).values[:, -1:]
+        z = z.masked_fill(z < kth, -math.inf)
+    if sampling.top_p < 1:
+        s, i = z.sort(-1)  # ascending: drop the least likely tokens whose total mass is <= 1 - top_p
+        drop = s.softmax(-1).cumsum(-1) <= 1 - sampling.top_p
+        drop[:, -1] = False  # the most likely token always stays
+        z = z.masked_fill(drop.scatter(1, i, drop), -math.inf)
+    p = z.softmax(-1)
+    return torch.cat([torch.multinomial(p[j], 1, generator=g) for j, g in enumerate(gens)])
+
+
+@torch.no_grad()
+def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, eos: set[int],
+           stop: list[str] = (), tok=None, sampling: Sampling | None = None, gens: list | None = None) -> list:
+    """Decode a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
+    cache.get_seq_length() positions: greedy, or sampled with one generator per row (`gens`). A row leaves the
+    batch (and its KV cache) the moment it ends: a token in `eos`, a stop string in its decoded tail (lm-eval's
+    rule; needs `tok`), or max_new_tokens; HF generate goes on computing finished rows until the longest one ends.
+    -> the generated ids of each row, its last token included."""
+    window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
+    rows, out = list(range(len(x))), [[] for _ in range(len(x))]
+    past = cache.get_seq_length() if cache is not None else 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
+    ids, pos_in = x[:, past:], pos[:, past:]
+    arg = cache_arg(model)  # once, not per token
+    for _ in range(max_new_tokens):
+        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
+                    **{arg: cache})
+        cache, nxt = returned_cache(res), next_tokens(res.logits[:, -1], sampling, gens)
+        keep = []
+        for j, r in enumerate(rows):
+            out[r].append(int(nxt[j]))
+            tail = tok.decode(out[r][-window:]) if stop else ""
+            if not (out[r][-1] in eos or any(s in tail for s in stop) or len(out[r]) == max_new_tokens):
+                keep.append(j)
+        if not keep:
+            break
+        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
+            k = torch.tensor(keep, device=x.device)
+            cache.batch_select_indices(k)
+            mask, pos_in, nxt, rows = mask[k], pos_in[k], nxt[k], [rows[j] for j in keep]
+            gens = [gens[j] for j in keep] if gens is not None else None
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
+        ids, pos_in = nxt[:, None], pos_in[:, -1:] + 1
+    return out
+
+
+def eos_ids(model, tok) -> set[int]:
+    """The tokenizer's EOS and the generation config's (an id or a list: Llama-3 instruct has 2)."""
+    cfg_eos = getattr(model.generation_config, "eos_token_id", None)
+    return ({tok.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) - {None}
 
 
 # ----------------------------------------------------------------------------- SliceGPT checkpoints

@@ -87,6 +87,65 @@ def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return ce, (y != -100).sum()
 
 
+class ChunkedLinearCE(torch.autograd.Function):
+    """sum_t CE(cap(h_t W^T), y_t) over rows t with y_t != -100, a chunk of rows at a time: the (rows x vocab)
+    logits of one chunk exist at once, never all of them. Each chunk's gradients are taken in the forward, where its
+    logits are at hand: dL/dz = softmax(z) - onehot(y) (times 1 - tanh^2 under Gemma-2's soft-cap z = c tanh(z'/c)),
+    dL/dh = dz W, dL/dW = dz^T h; backward only scales them. h (N, d), W (V, d), y (N,)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, chunk: int, cap: float | None):
+        loss, grad_h, grad_W = h.new_zeros((), dtype=torch.float32), torch.empty_like(h), torch.zeros_like(W)
+        for s in range(0, len(h), chunk):
+            hc, yc = h[s : s + chunk], y[s : s + chunk]
+            z = (hc @ W.t().to(hc.dtype)).float()  # (n, V); under autocast the matmul runs in bf16, as a plain head
+            if cap:
+                t = torch.tanh(z / cap)
+                z = cap * t
+            live = yc != -100
+            yl = yc.clamp(min=0)[:, None]
+            loss += (z.logsumexp(-1) - z.gather(1, yl)[:, 0])[live].sum()
+            dz = z.softmax(-1).scatter_add_(1, yl, -torch.ones_like(z[:, :1])) * live[:, None]
+            if cap:
+                dz *= 1 - t * t
+            grad_h[s : s + chunk] = (dz.to(hc.dtype) @ W.to(hc.dtype)).to(h.dtype)
+            grad_W += (dz.to(hc.dtype).t() @ hc).to(W.dtype)
+        ctx.save_for_backward(grad_h, grad_W)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad_h, grad_W = ctx.saved_tensors
+        return grad_h * g, grad_W * g, None, None, None
+
+
+def chunked_token_loss_sum(h: torch.Tensor, head, labels: torch.Tensor, chunk: int,
+                           cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_loss_sum from the final hidden states h (B, T, d) and the LM head, without the (B, T, V) logits."""
+    y = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    return ChunkedLinearCE.apply(h.flatten(0, 1), head.weight, y, chunk, cap), (y != -100).sum()
+
+
+@contextmanager
+def head_outside(model, on: bool = True):
+    """Within, model(...).logits are the final hidden states (B, T, d): the LM head's matmul and Gemma-2's final
+    soft-cap leave the forward for chunked_token_loss_sum. -> (head, soft-cap or None); (None, None) when off."""
+    if not on:
+        yield None, None
+        return
+    head, conf = model.get_output_embeddings(), model.config
+    cap = getattr(conf, "final_logit_softcapping", None)
+    head.forward = lambda x: x  # an instance attribute: the state dict and DDP's parameters stay as they are
+    if cap is not None:
+        conf.final_logit_softcapping = None
+    try:
+        yield head, cap
+    finally:
+        del head.forward
+        if cap is not None:
+            conf.final_logit_softcapping = cap
+
+
 # ----------------------------------------------------------------------------- distribution and state
 
 
@@ -185,6 +244,8 @@ class Config:
     epochs: int = flag(1, "passes over the data (paper: 1)")
     max_steps: int = flag(0, "optimizer steps (0: epochs over the data)")
     grad_ckpt: bool = flag(False, "non-reentrant gradient checkpointing")
+    ce_chunk: int = flag(512, "tokens per chunk of the LM-head cross-entropy, which never holds the whole (tokens x "
+                              "vocab) logits (0: the plain head and cross-entropy)")
     fsdp: bool = flag(False, "FSDP2 per decoder layer instead of DDP")
     save_every: int = flag(0, "steps between resumable checkpoints (0: none)")
     keep_every: int = flag(0, "also keep the weights every N steps as OUT/step_<N>/, a plain HF checkpoint (a "
@@ -197,14 +258,14 @@ class Config:
     def __post_init__(self):
         check_ranges(self, positive=("global_batch", "micro_batch", "lr", "epochs", "max_grad_norm"),
                      non_negative=("samples", "data_offset", "max_steps", "save_every", "keep_every", "warmup_ratio",
-                                   "weight_decay"))
+                                   "weight_decay", "ce_chunk"))
         if self.global_batch < 1 or self.micro_batch < 1 or self.max_length < 2 or self.lr <= 0:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
         if self.keep_every < 0 or self.save_every < 0:
             raise ValueError("need --keep-every >= 0 and --save-every >= 0")
 
 
-RESUMABLE = {"save_every", "keep_every", "device", "out"}  # may change when a run is resumed
+RESUMABLE = {"save_every", "keep_every", "device", "out", "ce_chunk"}  # may change when a run is resumed
 
 
 def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
@@ -255,7 +316,7 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
         t0, lr = time.perf_counter(), cosine_lr(step, total, warmup, cfg.lr)
         try:
             loss, gnorm = train_step(net, opt, data, *step_blocks(step, N, G, cfg.seed), lr=lr, cfg=cfg, d=d,
-                                     autocast=autocast)
+                                 autocast=autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step + 1}; stopping before the update. The last good checkpoint "
                                      f"(if any) is in {out / 'checkpoints'}; try a lower --lr.") from None
@@ -292,18 +353,16 @@ def train_step(net, opt, data: dict, idx: torch.Tensor, live: torch.Tensor, *, l
     labels = data["labels"][idx].masked_fill(~live[:, None], -100)  # (G, T): fillers carry no labels
     n_tok = (labels[:, 1:] != -100).sum()  # labelled tokens in the whole global batch
     loss_sum, accum = torch.zeros((), device=d.device), len(idx) // (M * W)
-    for m in range(accum):  # this rank takes every W-th run of M blocks
-        j = slice((m * W + d.rank) * M, (m * W + d.rank + 1) * M)
-        b = {"input_ids": data["input_ids"][idx[j]].to(d.device), "labels": labels[j].to(d.device),
-             "attention_mask": data["attention_mask"][idx[j]].to(d.device)}
-        with grad_sync(net, m == accum - 1), autocast:
-            mask = None if b["attention_mask"].all() else b["attention_mask"]  # full blocks: SDPA's causal path
-            # No name holds the (B, T, V) logits, so autograd can free them during backward.
-            ce, _ = token_loss_sum(net(input_ids=b["input_ids"], attention_mask=mask, use_cache=False).logits,
-                                   b["labels"])
-            # DDP and FSDP average gradients over ranks: x W makes the result sum(ce) / n_tok exactly.
-            (ce * W / n_tok).backward()
-        loss_sum += ce.detach()
+    with head_outside(getattr(net, "module", net), cfg.ce_chunk > 0) as (head, cap):  # DDP's module; FSDP2's in place
+        for m in range(accum):  # this rank takes every W-th run of M blocks
+            j = slice((m * W + d.rank) * M, (m * W + d.rank + 1) * M)
+            b = {"input_ids": data["input_ids"][idx[j]].to(d.device), "labels": labels[j].to(d.device),
+                 "attention_mask": data["attention_mask"][idx[j]].to(d.device)}
+            with grad_sync(net, m == accum - 1), autocast:
+                ce = micro_loss_sum(net, b, head, cap, cfg.ce_chunk)
+                # DDP and FSDP average gradients over ranks: x W makes the result sum(ce) / n_tok exactly.
+                (ce * W / n_tok).backward()
+            loss_sum += ce.detach()
     loss = (all_reduce_(loss_sum) / n_tok).item()
     if not math.isfinite(loss):
         raise FloatingPointError(f"loss is {loss}")  # train() says where, before any update
@@ -313,6 +372,16 @@ def train_step(net, opt, data: dict, idx: torch.Tensor, live: torch.Tensor, *, l
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+
+
+def micro_loss_sum(net, b: dict, head, cap: float | None, chunk: int) -> torch.Tensor:
+    """Sum of the token losses of one micro-batch b; `head` set: the model returns hidden states (head_outside)."""
+    mask = None if b["attention_mask"].all() else b["attention_mask"]  # full blocks: SDPA's causal path
+    # The output, logits (B, T, V) or hidden states (B, T, d), is freed when this returns: before backward.
+    out = net(input_ids=b["input_ids"], attention_mask=mask, use_cache=False).logits
+    if head is not None:
+        return chunked_token_loss_sum(out, head, b["labels"], chunk, cap)[0]
+    return token_loss_sum(out, b["labels"])[0]
 
 
 def finished(out: Path, fingerprint: dict, resumable: set = RESUMABLE) -> dict | None:

@@ -53,16 +53,19 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
 
 @torch.no_grad()
 def calibration_overhead(model, batches, cfg) -> dict:
+    """{hooked pass: (median, lowest, highest) over the repeats of its time / the plain pass's time in the same
+    repeat}: the passes alternate, so each ratio compares runs made side by side."""
     def plain():
         for b in batches:
             model.base_model(**b, use_cache=False)
-    t = interleaved({
+    t = alternate({
         "plain": plain,
         "neurons": lambda: ptl.score_pass(model, batches, layer_rule=None),
         "neurons+layers": lambda: ptl.score_pass(model, batches),
         "released": lambda: ptl.score_pass(model, batches, neuron_rule="released", layer_rule=None),
-    }, cfg.repeats, cfg.warmup)
-    return {k: v / t["plain"] for k, v in t.items() if k != "plain"}
+    }, repeats=cfg.repeats, warmup=cfg.warmup)
+    ratios = {k: [a / p for a, p in zip(v, t["plain"])] for k, v in t.items() if k != "plain"}
+    return {k: (statistics.median(r), min(r), max(r)) for k, r in ratios.items()}
 
 
 @torch.no_grad()
@@ -151,8 +154,9 @@ def main(cfg: Config) -> dict:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches)
     print(f"model {cfg.model} | {len(batches)} batches, {tokens} tokens | torch threads {torch.get_num_threads()}")
     res = {"calibration_overhead": calibration_overhead(model, batches, cfg)}
-    print("1. calibration overhead (hooked pass / plain pass):",
-          " | ".join(f"{k} {v:.3f}x" for k, v in res["calibration_overhead"].items()))
+    print(f"1. calibration overhead (hooked pass / plain pass in the same repeat; median [lowest, highest] of "
+          f"{cfg.repeats}):", " | ".join(f"{k} {m:.3f}x [{lo:.3f}, {hi:.3f}]"
+                                         for k, (m, lo, hi) in res["calibration_overhead"].items()))
     res["literal_eq2"] = literal_eq2(model, batches, cfg)
     e = res["literal_eq2"]
     print(f"2. literal Eq. 2 over all neurons / one PTL pass: {e['ratio']:.0f}x "

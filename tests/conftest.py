@@ -76,9 +76,10 @@ def assert_trained_alike(a: dict, b: dict, *, lr: float, steps: int):
 
     Summation order differs between the runs, and Adam's g / (sqrt(v) + eps) turns that rounding noise into a
     step of up to ~lr wherever a gradient is ~0; so a handful of entries may sit up to ~lr * steps apart (seen
-    on CI: 1 entry of 30K, 1.4e-4 apart). A real bug (wrong data shard, a missed all-reduce) moves most entries."""
+    on CI: 1 entry of 30K, 1.4e-4 apart; GRPO at lr 1e-2: 46 of 32K, 2.2e-4 apart, with equal rewards and losses).
+    A real bug (wrong data shard, a missed all-reduce) moves most entries."""
     assert a.keys() == b.keys()
     diff = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a])
     far = (diff > 1e-5).double().mean().item()
-    assert far < 1e-3, f"{far:.2%} of entries differ by more than 1e-5"
+    assert far < 1e-2, f"{far:.2%} of entries differ by more than 1e-5"
     assert diff.max().item() <= 2 * lr * steps, f"an entry moved {diff.max().item():.2e} apart"

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import recover
@@ -87,6 +89,39 @@ def test_token_loss_sum_is_the_mean_cross_entropy_times_the_label_count():
     assert n == 6 and torch.allclose(total / n, mean)
 
 
+def _plain_loss(h, W, y, cap):
+    z = h @ W.t()
+    z = cap * torch.tanh(z / cap) if cap else z
+    return F.cross_entropy(z.float(), y, ignore_index=-100, reduction="sum")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 40), st.integers(1, 45), st.sampled_from([None, 3.0]), st.integers(0, 2**31))
+def test_chunked_lm_head_cross_entropy_equals_the_plain_one_and_its_gradients(n, chunk, cap, seed):
+    g = torch.Generator().manual_seed(seed)
+    h, W = torch.randn(n, 8, generator=g, requires_grad=True), torch.randn(13, 8, generator=g, requires_grad=True)
+    y = torch.randint(0, 13, (n,), generator=g).masked_fill(torch.rand(n, generator=g) < 0.3, -100)
+    plain = _plain_loss(h, W, y, cap)
+    ref = torch.autograd.grad(plain, (h, W))
+    chunked = recover.ChunkedLinearCE.apply(h, W, y, chunk, cap)
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
+    for a, b in zip(torch.autograd.grad(3 * chunked, (h, W)), ref):  # backward scales by the incoming gradient
+        torch.testing.assert_close(a, 3 * b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("gemma2", True)])  # gemma2: soft-cap
+def test_training_with_the_chunked_head_equals_training_with_the_plain_one(arch, tied, tmp_path):
+    runs = {c: run(tmp_path / str(c), model=tiny_model(arch, layers=2, tied=tied), ce_chunk=c)["model"]
+            for c in (0, 5)}
+    for (k, a), b in zip(runs[0].state_dict().items(), runs[5].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=k)
+    losses = [[r["loss"] for r in metrics(tmp_path / str(c))] for c in (0, 5)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    head = runs[5].get_output_embeddings()
+    assert "forward" not in vars(head) and runs[5].config.to_dict().get("final_logit_softcapping") == (
+        30.0 if arch == "gemma2" else None), "the head and the soft-cap are handed back as they were"
+
+
 def test_loss_goes_down_on_repeated_data(tmp_path):
     run(tmp_path, texts=TEXTS[:3] * 8, max_steps=12, lr=1e-2, warmup_ratio=0.1)
     losses = [r["loss"] for r in metrics(tmp_path)]
@@ -143,14 +178,14 @@ def test_a_killed_run_resumes_and_ends_equal_to_an_unbroken_one(tmp_path, monkey
 
 
 def test_a_nan_loss_stops_the_run_and_the_last_checkpoint_still_loads(tmp_path, monkeypatch):
-    real, calls = recover.token_loss_sum, []
+    real, calls = recover.micro_loss_sum, []
 
-    def nan_at_step_3(logits, labels):  # 2 micro-steps per step: calls 5 and 6 are step 3
+    def nan_at_step_3(*args):  # 2 micro-steps per step: calls 5 and 6 are step 3
         calls.append(1)
-        ce, n = real(logits, labels)
-        return (ce * float("nan"), n) if len(calls) > 4 else (ce, n)
+        ce = real(*args)
+        return ce * float("nan") if len(calls) > 4 else ce
 
-    monkeypatch.setattr(recover, "token_loss_sum", nan_at_step_3)
+    monkeypatch.setattr(recover, "micro_loss_sum", nan_at_step_3)
     with pytest.raises(FloatingPointError, match="loss is nan at step 3"):
         run(tmp_path, save_every=2)
     assert not (tmp_path / "config.json").exists(), "no final checkpoint from a failed run"

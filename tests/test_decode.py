@@ -1,0 +1,112 @@
+"""ptl_common.decode is the spec for every generation: greedy equals transformers' generate, sampling filters
+tokens exactly as transformers' warpers do and draws from what is left, and a rollout does not depend on its batch."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import grpo
+from conftest import char_tokenizer, tiny_model
+from ptl_common import DEFAULT_MODEL, Sampling, next_tokens
+
+PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]
+
+
+def allowed(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
+    """The tokens transformers' own warpers leave finite (temperature, then top-k, then top-p)."""
+    z = logits / s.temperature
+    if s.top_k:
+        z = TopKLogitsWarper(s.top_k)(None, z)
+    if s.top_p < 1:
+        z = TopPLogitsWarper(s.top_p)(None, z)
+    return torch.isfinite(z)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**31), st.floats(0.3, 2.0), st.floats(0.05, 1.0), st.integers(0, 12))
+def test_a_sampled_token_is_always_one_that_transformers_warpers_keep(seed, temperature, top_p, top_k):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 40, generator=g) * 3
+    s = Sampling(temperature, top_p, top_k)
+    gens = [torch.Generator().manual_seed(seed + j) for j in range(3)]
+    for _ in range(5):
+        tok = next_tokens(logits, s, gens)
+        assert allowed(logits, s)[torch.arange(3), tok].all()
+
+
+def test_top_p_golden_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.tensor([[0.5, 0.3, 0.15, 0.05]]).log()  # 0.5 + 0.3 >= 0.8: tokens 0 and 1 stay
+    seen = {int(next_tokens(logits, Sampling(top_p=0.8), [torch.Generator().manual_seed(i)])) for i in range(200)}
+    assert seen == {0, 1}
+    assert allowed(logits, Sampling(top_p=0.8)).tolist() == [[True, True, False, False]]
+
+
+def test_draws_follow_the_softmax_of_the_scaled_logits():
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]])
+    p = (logits / 0.7).softmax(-1)[0]
+    gen, n = [torch.Generator().manual_seed(0)], 20000
+    counts = torch.bincount(torch.cat([next_tokens(logits, Sampling(temperature=0.7), gen) for _ in range(n)]),
+                            minlength=4).double()
+    # 5 standard errors of a binomial proportion: a wrong temperature or filter is off by far more
+    assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (counts / n, p)
+
+
+def _cfg(**kw) -> grpo.Config:
+    return grpo.Config(**{"group_size": 4, "max_response_length": 10, "prompt": "fewshot", "max_prompt_length": 64,
+                          "temperature": 1.0, "top_p": 1.0, **kw})
+
+
+def test_greedy_rollouts_equal_transformers_generate_token_for_token():
+    model, tok = tiny_model("qwen2", layers=2), char_tokenizer()  # qwen2: sliding-window layers
+    P, R = grpo.rollout(model, tok, PROMPTS, _cfg(top_k=1), [1, 2, 3])  # top-k 1: sampling is the argmax
+    for i, p in enumerate(PROMPTS):
+        x = tok(p, return_tensors="pt")
+        ref = model.generate(**x, do_sample=False, max_new_tokens=10, pad_token_id=0, eos_token_id=2,
+                             temperature=None, top_p=None, top_k=None)[0, x["input_ids"].shape[1]:].tolist()
+        ref = ref[: ref.index(2) + 1] if 2 in ref else ref
+        for g in range(4):
+            assert P[4 * i + g] == x["input_ids"][0].tolist()
+            assert R[4 * i + g] == ref
+
+
+def test_a_rollout_does_not_depend_on_the_batch_it_was_sampled_in():
+    model, tok = tiny_model("llama", layers=2), char_tokenizer()
+    together = grpo.rollout(model, tok, PROMPTS, _cfg(), [11, 12, 13])
+    alone = [grpo.rollout(model, tok, [p], _cfg(), [s]) for p, s in zip(PROMPTS, [11, 12, 13])]
+    assert together[1] == [r for _, R in alone for r in R]
+    assert len({tuple(r) for r in together[1][:4]}) > 1, "the G responses of a prompt must differ"
+    again = grpo.rollout(model, tok, PROMPTS, _cfg(), [11, 12, 13])
+    assert again == together
+
+
+def test_both_rollout_engines_sample_the_same_distribution():
+    """Per-token frequencies of the first response token, builtin vs generate, over many draws from one prompt."""
+    model, tok = tiny_model("llama", layers=1), char_tokenizer()
+    firsts = {}
+    for engine in ("builtin", "hf"):
+        cfg = _cfg(rollout_engine=engine, group_size=400, max_response_length=1, temperature=0.8, top_p=0.9)
+        firsts[engine] = torch.tensor([r[0] for r in grpo.rollout(model, tok, PROMPTS[:1], cfg, [5])[1]])
+    a, b = (torch.bincount(f, minlength=128).double() / len(f) for f in firsts.values())
+    se = ((a + b) / 2 * (1 - (a + b) / 2) * 2 / 400).sqrt()
+    assert ((a - b).abs() <= 5 * se + 1e-9).all()
+    assert math.isclose(a.sum().item(), 1.0)
+
+
+@pytest.mark.slow
+def test_greedy_rollouts_equal_generate_on_the_default_model():
+    from ptl_common import load_model
+
+    model, tok = load_model(DEFAULT_MODEL, dtype="float32")
+    prompts = [grpo.render(tok, q, "fewshot") for q in ("What is 17 + 25?", "A dog and a hen: how many legs?")]
+    P, R = grpo.rollout(model, tok, prompts, _cfg(top_k=1, group_size=2, max_response_length=48,
+                                                  max_prompt_length=2048), [1, 2])
+    for i, p in enumerate(prompts):
+        x = tok(p, return_tensors="pt")
+        ref = model.generate(**x, do_sample=False, max_new_tokens=48, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, temperature=None, top_p=None, top_k=None)
+        ref = ref[0, x["input_ids"].shape[1]:].tolist()
+        ref = ref[: ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
+        assert R[2 * i] == R[2 * i + 1] == ref
