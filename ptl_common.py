@@ -448,6 +448,49 @@ def repeat_cache(cache, rows: int, *, copy: bool = True):
     return cache
 
 
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values (B, H, T, D) are views into buffers with room along T: a new
+        token is written in place, where DynamicLayer's torch.cat copies the whole cache, every layer, every
+        token. A buffer doubles when full; keys replaced by other operations (rows selected or repeated) are
+        copied into a new one, and a crop leaves a shorter view whose tail the next token overwrites."""
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            T, n = self.get_seq_length(), key_states.shape[-2]
+            kb, vb = getattr(self, "_buffers", (None, None))
+            if kb is None or T + n > kb.shape[-2] or (T and (self.keys.data_ptr(), self.keys.stride()) != (
+                    kb.data_ptr(), kb.stride())) or kb.shape[:-2] != key_states.shape[:-2]:
+                shape = (*key_states.shape[:-2], max(2 * (T + n), 64))
+                kb = key_states.new_empty((*shape, key_states.shape[-1]))
+                vb = value_states.new_empty((*shape, value_states.shape[-1]))
+                if T:
+                    kb[..., :T, :], vb[..., :T, :] = self.keys, self.values
+                self._buffers = kb, vb
+            kb[..., T : T + n, :], vb[..., T : T + n, :] = key_states, value_states
+            self.keys, self.values = kb[..., : T + n, :], vb[..., : T + n, :]
+            return self.keys, self.values
+
+    return GrowingLayer
+
+
+def growing(cache):
+    """`cache` with each plain DynamicLayer (full attention; sliding-window layers keep their own class) made a
+    GrowingLayer in place: generation no longer copies the cache at every token. None stays None."""
+    from transformers.cache_utils import DynamicLayer
+
+    for layer in getattr(cache, "layers", []):
+        if type(layer) is DynamicLayer:
+            layer.__class__ = GROWING()
+    return cache
+
+
+GROWING = functools.cache(_growing_layer_class)  # transformers is imported on first use, not with this module
+
+
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """How decode draws a token: logits / temperature, then top-k, then top-p (transformers' order of warpers)."""
@@ -491,7 +534,7 @@ def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens:
     for _ in range(max_new_tokens):
         res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
                     **{arg: cache})
-        cache, nxt = returned_cache(res), next_tokens(res.logits[:, -1], sampling, gens)
+        cache, nxt = growing(returned_cache(res)), next_tokens(res.logits[:, -1], sampling, gens)
         keep = []
         for j, r in enumerate(rows):
             out[r].append(int(nxt[j]))

@@ -247,6 +247,7 @@ class Config:
     ce_chunk: int = flag(512, "tokens per chunk of the LM-head cross-entropy, which never holds the whole (tokens x "
                               "vocab) logits (0: the plain head and cross-entropy)")
     fsdp: bool = flag(False, "FSDP2 per decoder layer instead of DDP")
+    compile: bool = flag(False, "torch.compile the model's forward (opt-in: minutes of compiling first)")
     save_every: int = flag(0, "steps between resumable checkpoints (0: none)")
     keep_every: int = flag(0, "also keep the weights every N steps as OUT/step_<N>/, a plain HF checkpoint (a "
                               "learning curve)")
@@ -265,7 +266,7 @@ class Config:
             raise ValueError("need --keep-every >= 0 and --save-every >= 0")
 
 
-RESUMABLE = {"save_every", "keep_every", "device", "out", "ce_chunk"}  # may change when a run is resumed
+RESUMABLE = {"save_every", "keep_every", "device", "out", "ce_chunk", "compile"}  # may change when a run is resumed
 
 
 def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
@@ -299,6 +300,8 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     model.train()
     if cfg.grad_ckpt:  # before wrapping, non-reentrant: works with DDP's no_sync and FSDP2
         checkpointing(model, True)
+    if cfg.compile:  # in place (nn.Module.compile): parameter names and the state dict stay as they are
+        model.compile()
     net = wrap(model, d, fsdp=cfg.fsdp)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=True)  # one kernel for all parameters: 5x faster than foreach on CPU

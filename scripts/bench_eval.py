@@ -4,6 +4,7 @@ often the two agree on the extracted answer. Each engine runs in its own subproc
 
     python scripts/bench_eval.py                                   # SmolLM2-135M, 32 GSM8K questions, CPU
     python scripts/bench_eval.py --limit 64 --repeats 1 --data-dir ../shared/data
+    python scripts/bench_eval.py --profile 8      # where the builtin engine spends its time, on 8 questions
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ class Config:
     batch_size: int = 16
     max_new_tokens: int = 256
     repeats: int = 2
+    profile: int = 0  # > 0: instead, profile the builtin engine (torch.profiler) on this many questions
     worker: str = ""  # internal: "builtin" or "lm-eval" runs one side and prints JSON
 
 
@@ -46,9 +48,39 @@ def run(cfg: Config) -> dict:
     return {"seconds": secs, "accuracy": res["accuracy"], "samples": res["samples"]}
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
+
+
+def profile(cfg: Config) -> dict:
+    """Self time of each op over one builtin run: how much goes to matmuls, how much to other ops, and how much of
+    the wall time no op accounts for (Python: the decode loop, the stop-string check, the tokenizer)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    from ptl_common import load_model
+
+    ev = import_evaluate()
+    model, tok = load_model(cfg.model, dtype="float32", device="cpu")
+    ecfg = ev.Config(tasks="gsm8k", data_dir=cfg.data_dir, limit=cfg.profile, batch_size=cfg.batch_size,
+                     max_new_tokens=cfg.max_new_tokens, engine="builtin", device="cpu")
+    with torch_profile(activities=[ProfilerActivity.CPU]) as p:
+        t0 = time.perf_counter()
+        ev.evaluate_model(model, tok, ecfg)
+        wall = time.perf_counter() - t0
+    ops = p.key_averages()
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=12))
+    total = sum(e.self_cpu_time_total for e in ops) / 1e6
+    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e6
+    print(f"wall {wall:.1f} s | ops {total / wall:.1%} of it (matmuls and attention {mm / wall:.1%}, other ops "
+          f"{(total - mm) / wall:.1%}) | outside any op (Python, tokenizer) {1 - total / wall:.1%}")
+    return {"wall_s": wall, "ops_share": total / wall, "matmul_share": mm / wall}
+
+
 def main(cfg: Config) -> dict:
     if cfg.worker:
         return emit(run(cfg))
+    if cfg.profile:
+        return profile(cfg)
     ev = import_evaluate()
     runs = run_sides(__file__, cfg, ["builtin", "lm-eval"], env={**os.environ, "HF_DATASETS_OFFLINE": "1"})
     ours, theirs = runs["builtin"][0]["samples"], {s["question"]: s for s in runs["lm-eval"][0]["samples"]}

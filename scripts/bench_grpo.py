@@ -3,8 +3,9 @@ response length, sampling, lr, KL coefficient, clip range, loss aggregation and 
 step split into generation and the rest (scoring, log-probs, update), and the reward of every step.
 
 Each side runs in its own subprocess, alternated A B C A B C, so ratios are measured side by side on a noisy
-machine. Sides: `ours` is grpo.py as shipped (one generate call for all of a step's prompts, as TRL makes);
-`ours-gen1` is grpo.py with --gen-batch 1 (one call per prompt, so rollouts do not depend on the world size).
+machine. Sides: `ours` is grpo.py as shipped (rollouts on ptl_common.decode: each prompt prefilled once for its
+G responses, finished responses leave the batch); `ours-hf` is grpo.py with --rollout-engine hf (one generate call
+for all of a step's prompts, as TRL makes).
 TRL is not a dependency of ptl: `pip install trl` to run this.
 
     python scripts/bench_grpo.py                              # SmolLM2-135M, CPU, offline-easy prompts
@@ -41,7 +42,7 @@ class Config:
     kl_coef: float = 1e-2
     seed: int = 0
     repeats: int = 2
-    sides: str = "ours,ours-gen1,trl"
+    sides: str = "ours,ours-hf,trl"
     worker: str = ""  # internal: runs one side and prints JSON
 
 
@@ -83,15 +84,16 @@ class Timer:
         return {"step_s": steps, "gen_s": gens}
 
 
-def run_ours(cfg: Config, gen_batch: int) -> dict:
+def run_ours(cfg: Config, engine: str) -> dict:
     """Our GRPO for cfg.steps steps; its timings come from its own metrics.jsonl (step_s, gen_s per step)."""
     import grpo
 
     model, tok, rows, _ = setup(cfg)
     with tempfile.TemporaryDirectory() as out:
         gc = grpo.Config(out=out, rollout_batch=cfg.prompts, group_size=cfg.group_size, prompt="fewshot",
-                         max_response_length=cfg.max_response_length, micro_batch=cfg.micro_batch, gen_batch=gen_batch,
-                         max_steps=cfg.steps, lr=cfg.lr, kl_coef=cfg.kl_coef, seed=cfg.seed, device="cpu")
+                         max_response_length=cfg.max_response_length, micro_batch=cfg.micro_batch,
+                         rollout_engine=engine, max_steps=cfg.steps, lr=cfg.lr, kl_coef=cfg.kl_coef, seed=cfg.seed,
+                         device="cpu")
         grpo.train(model, tok, rows, gc)
         logs = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {key: [r[key] for r in logs] for key in ("step_s", "gen_s", "reward", "response_len")}
@@ -141,7 +143,8 @@ def run_trl(cfg: Config) -> dict:
 
 def main(cfg: Config) -> dict:
     if cfg.worker:
-        return emit(run_trl(cfg) if cfg.worker == "trl" else run_ours(cfg, 1 if cfg.worker == "ours-gen1" else 0))
+        engine = "hf" if cfg.worker == "ours-hf" else "builtin"
+        return emit(run_trl(cfg) if cfg.worker == "trl" else run_ours(cfg, engine))
     runs = run_sides(__file__, cfg, cfg.sides.split(","))
     print(f"model {cfg.model} | {cfg.steps} steps of {cfg.prompts} prompts x {cfg.group_size} responses, up to "
           f"{cfg.max_response_length} tokens | {cfg.repeats} runs each, alternated | first step skipped in times")

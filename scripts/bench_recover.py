@@ -5,6 +5,11 @@ machine. No warmup: HF's schedule spends its first warmup update at lr 0, ours d
 
     python scripts/bench_recover.py                          # SmolLM2-135M, CPU, offline data
     python scripts/bench_recover.py --steps 12 --repeats 3
+    python scripts/bench_recover.py --sides ours,plain-ce,compiled,trainer    # recover.py's variants as well
+
+Sides: ours (recover.py's defaults: the chunked LM-head cross-entropy), plain-ce (--ce-chunk 0: the whole logits,
+as Trainer computes them), compiled (--compile; its first step, which compiles, is left out like every first step),
+trainer.
 """
 from __future__ import annotations
 
@@ -37,7 +42,8 @@ class Config:
     lr: float = 1e-4
     seed: int = 0
     repeats: int = 2
-    worker: str = ""  # internal: "ours" or "trainer" runs one side and prints JSON
+    sides: str = "ours,plain-ce,trainer"
+    worker: str = ""  # internal: the side this process runs; it prints JSON
 
 
 def blocks(cfg: Config):
@@ -50,13 +56,14 @@ def blocks(cfg: Config):
     return model, tok, texts, recover.pack(docs, cfg.max_length, tok.pad_token_id)
 
 
-def run_ours(cfg: Config) -> dict:
+def run_ours(cfg: Config, **flags) -> dict:
     import recover
 
     model, tok, texts, _ = blocks(cfg)
     with tempfile.TemporaryDirectory() as out:
         rc = recover.Config(out=out, max_length=cfg.max_length, global_batch=cfg.global_batch, lr=cfg.lr,
-                            micro_batch=cfg.micro_batch, max_steps=cfg.steps, warmup_ratio=0.0, seed=cfg.seed)
+                            micro_batch=cfg.micro_batch, max_steps=cfg.steps, warmup_ratio=0.0, seed=cfg.seed,
+                            **flags)
         recover.train(model, tok, texts, rc)
         rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [cfg.global_batch * cfg.max_length / r["tokens_per_s"] for r in rows],
@@ -102,25 +109,31 @@ def run_trainer(cfg: Config) -> dict:
 
 def main(cfg: Config) -> dict:
     if cfg.worker:
-        res = {"ours": run_ours, "trainer": run_trainer}[cfg.worker](cfg)
+        res = {"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
+               "compiled": lambda c: run_ours(c, compile=True), "trainer": run_trainer}[cfg.worker](cfg)
         res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return emit(res)
-    runs = run_sides(__file__, cfg, ["ours", "trainer"])
+    runs = run_sides(__file__, cfg, cfg.sides.split(","))
     tokens = cfg.global_batch * cfg.max_length
     res = {}
     for side, rs in runs.items():  # the first step holds one-off costs (allocation, warm caches): skip it
         res[side] = {"tokens_per_s": tokens / statistics.median(s for r in rs for s in r["step_s"][1:]),
                      "loss": rs[0]["loss"],
                      "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
-    o, t = res["ours"], res["trainer"]
     print(f"model {cfg.model} | {cfg.steps} steps of {cfg.global_batch} x {cfg.max_length} tokens "
           f"(micro {cfg.micro_batch}) | {cfg.repeats} runs each, alternated")
     for side, r in res.items():
         print(f"  {side:8s} tokens/s {r['tokens_per_s']:.0f} | peak RSS {r['peak_rss_mb']:.0f} MB | loss per step "
               + " ".join(f"{x:.4f}" for x in r["loss"]))
-    gap = max(abs(a - b) for a, b in zip(o["loss"], t["loss"]))
-    print(f"recover.py / Trainer: {o['tokens_per_s'] / t['tokens_per_s']:.3f}x tokens/s, "
-          f"peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.3f}x, largest loss gap over the steps {gap:.2e}")
+    t = res.get("trainer")
+    for side, o in res.items():
+        if t is None or side == "trainer":
+            continue
+        gap = max(abs(a - b) for a, b in zip(o["loss"], t["loss"]))
+        per_run = [tokens / statistics.median(r["step_s"][1:]) for r in runs[side]]
+        print(f"{side} / Trainer: {o['tokens_per_s'] / t['tokens_per_s']:.3f}x tokens/s (its runs: "
+              + ", ".join(f"{x / t['tokens_per_s']:.3f}x" for x in per_run)
+              + f"), peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.3f}x, largest loss gap over the steps {gap:.2e}")
     return res
 
 

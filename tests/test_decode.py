@@ -10,7 +10,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import grpo
 from conftest import char_tokenizer, tiny_model
-from ptl_common import DEFAULT_MODEL, Sampling, next_tokens
+from ptl_common import DEFAULT_MODEL, GROWING, Sampling, next_tokens
 
 PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]
 
@@ -52,6 +52,44 @@ def test_draws_follow_the_softmax_of_the_scaled_logits():
                             minlength=4).double()
     # 5 standard errors of a binomial proportion: a wrong temperature or filter is off by far more
     assert ((counts / n - p).abs() <= 5 * (p * (1 - p) / n).sqrt()).all(), (counts / n, p)
+
+
+OPS = st.lists(st.one_of(*(st.tuples(st.just(op), st.integers(lo, hi)) for op, lo, hi in
+                           [("update", 1, 5), ("select", 0, 7), ("repeat", 1, 2), ("crop", 1, 3)])),
+               min_size=1, max_size=25)
+
+
+@settings(max_examples=100, deadline=None)
+@given(OPS, st.integers(0, 2**31))
+def test_the_growing_cache_layer_holds_what_transformers_dynamic_layer_holds(ops, seed):
+    from transformers.cache_utils import DynamicLayer
+
+    g = torch.Generator().manual_seed(seed)
+    plain, grown = DynamicLayer(), DynamicLayer()
+    grown.__class__ = GROWING()
+    B = 2
+    for op, n in ops:
+        T = plain.get_seq_length()
+        if op == "update":
+            k, v = torch.randn(2, B, 3, n, 4, generator=g)
+            for layer in (plain, grown):
+                out = layer.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(out, (plain.keys, plain.values)))
+        elif op == "select" and T:
+            idx = torch.tensor([i for i in range(B) if n >> i & 1] or [0])
+            B = len(idx)
+            for layer in (plain, grown):
+                layer.batch_select_indices(idx)
+        elif op == "repeat" and T:
+            B *= n
+            for layer in (plain, grown):
+                layer.batch_repeat_interleave(n)
+        elif op == "crop" and T > n:
+            for layer in (plain, grown):
+                layer.crop(-n)
+        assert grown.get_seq_length() == plain.get_seq_length()
+        if plain.get_seq_length():
+            assert torch.equal(grown.keys, plain.keys) and torch.equal(grown.values, plain.values)
 
 
 def _cfg(**kw) -> grpo.Config:
