@@ -669,8 +669,8 @@ class Config:
                                     "(teacher-forced mean log-probability of each question's reference solution; no "
                                     "generation)")
     data_dir: str = flag("", "local benchmark files in the layout of ../shared/data (empty: the hub)")
-    engine: Literal["builtin", "lm-eval"] = flag("builtin", "builtin: this file's batched greedy decoding; lm-eval: "
-                                                            "lm_eval.simple_evaluate on the same model")
+    engine: Literal["builtin", "lm-eval"] = flag("builtin", "builtin: batched greedy decoding (ptl_common.decode); "
+                                                            "lm-eval: lm_eval.simple_evaluate on the same model")
     prompt: Literal["fewshot", "chat"] = flag("fewshot", "lm-eval's few-shot prompts, or zero-shot R1-style through "
                                                          "the chat template")
     limit: int = flag(0, "first N questions of each benchmark (0: all)")
