@@ -95,28 +95,34 @@ class ChunkedLinearCE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, chunk: int, cap: float | None):
+        Wc = W.to(h.dtype)  # under bf16 autocast h is bf16: the head's matmuls run in bf16, as a plain head's do
         loss, grad_h, grad_W = h.new_zeros((), dtype=torch.float32), torch.empty_like(h), torch.zeros_like(W)
         for s in range(0, len(h), chunk):
             hc, yc = h[s : s + chunk], y[s : s + chunk]
-            z = (hc @ W.t().to(hc.dtype)).float()  # (n, V); under autocast the matmul runs in bf16, as a plain head
+            z = (hc @ Wc.t()).float()  # (n, V): the only logits in memory
             if cap:
                 t = torch.tanh(z / cap)
                 z = cap * t
-            live = yc != -100
-            yl = yc.clamp(min=0)[:, None]
-            loss += (z.logsumexp(-1) - z.gather(1, yl)[:, 0])[live].sum()
-            dz = z.softmax(-1).scatter_add_(1, yl, -torch.ones_like(z[:, :1])) * live[:, None]
+            dead, yl = yc == -100, yc.clamp(min=0)[:, None]
+            lse = z.logsumexp(-1)
+            loss += (lse - z.gather(1, yl)[:, 0]).masked_fill_(dead, 0).sum()
+            dz = z.sub_(lse[:, None]).exp_().scatter_add_(1, yl, -torch.ones_like(lse[:, None]))  # softmax - onehot
+            dz.masked_fill_(dead[:, None], 0)
             if cap:
-                dz *= 1 - t * t
-            grad_h[s : s + chunk] = (dz.to(hc.dtype) @ W.to(hc.dtype)).to(h.dtype)
-            grad_W += (dz.to(hc.dtype).t() @ hc).to(W.dtype)
+                dz.mul_(1 - t * t)
+            dz = dz.to(h.dtype)
+            grad_h[s : s + chunk] = dz @ Wc
+            if grad_W.dtype == dz.dtype:
+                grad_W.addmm_(dz.t(), hc)  # accumulated in place: no (V, d) temporary per chunk
+            else:
+                grad_W += (dz.t() @ hc).to(W.dtype)
         ctx.save_for_backward(grad_h, grad_W)
         return loss
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        grad_h, grad_W = ctx.saved_tensors
-        return grad_h * g, grad_W * g, None, None, None
+        grad_h, grad_W = ctx.saved_tensors  # used once: scaled in place, no second (V, d) tensor
+        return grad_h.mul_(g), grad_W.mul_(g), None, None, None
 
 
 def chunked_token_loss_sum(h: torch.Tensor, head, labels: torch.Tensor, chunk: int,

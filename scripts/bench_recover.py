@@ -6,6 +6,7 @@ machine. No warmup: HF's schedule spends its first warmup update at lr 0, ours d
     python scripts/bench_recover.py                          # SmolLM2-135M, CPU, offline data
     python scripts/bench_recover.py --steps 12 --repeats 3
     python scripts/bench_recover.py --sides ours,plain-ce,compiled,trainer    # recover.py's variants as well
+    python scripts/bench_recover.py --profile 2                # where one recover.py step spends its time
 
 Sides: ours (recover.py's defaults: the chunked LM-head cross-entropy), plain-ce (--ce-chunk 0: the whole logits,
 as Trainer computes them), compiled (--compile; its first step, which compiles, is left out like every first step),
@@ -43,6 +44,7 @@ class Config:
     seed: int = 0
     repeats: int = 2
     sides: str = "ours,plain-ce,trainer"
+    profile: int = 0  # > 0: instead, profile this many recover.py steps (torch.profiler) after one untimed step
     worker: str = ""  # internal: the side this process runs; it prints JSON
 
 
@@ -107,7 +109,47 @@ def run_trainer(cfg: Config) -> dict:
     return {"step_s": times, "loss": losses}
 
 
+def profile(cfg: Config) -> dict:
+    """Self time of each op over cfg.profile steps of recover.py (after one untimed step): the share of matmuls,
+    of the LM head's cross-entropy, of AdamW, and of the wall time outside any op."""
+    import recover
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model, tok, texts, _ = blocks(cfg)
+    with tempfile.TemporaryDirectory() as out:
+        rc = recover.Config(out=out, max_length=cfg.max_length, global_batch=cfg.global_batch, lr=cfg.lr,
+                            micro_batch=cfg.micro_batch, max_steps=1 + cfg.profile, warmup_ratio=0.0, seed=cfg.seed)
+        state = {}
+
+        def step(*a, **k):  # the first step runs unprofiled; the profiler records the next cfg.profile
+            n = state["n"] = state.get("n", 0) + 1
+            if n == 2:
+                state["prof"], state["t0"] = torch_profile(activities=[ProfilerActivity.CPU]), time.perf_counter()
+                state["prof"].__enter__()
+            res = real(*a, **k)
+            if n == 1 + cfg.profile:
+                state["wall"] = time.perf_counter() - state["t0"]
+                state["prof"].__exit__(None, None, None)
+            return res
+        real, recover.train_step = recover.train_step, step
+        try:
+            recover.train(model, tok, texts, rc)
+        finally:
+            recover.train_step = real
+    wall = state["wall"]
+    ops = state["prof"].key_averages()
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=15))
+    share = {k: sum(e.self_cpu_time_total for e in ops if any(s in e.key for s in v)) / 1e6 / wall for k, v in {
+        "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product"),
+        "AdamW": ("_fused_adamw",), "all ops": ("",)}.items()}
+    print(" | ".join(f"{k} {v:.1%} of the wall time" for k, v in share.items()))
+    return share
+
+
 def main(cfg: Config) -> dict:
+    if cfg.profile:
+        return profile(cfg)
     if cfg.worker:
         res = {"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
                "compiled": lambda c: run_ours(c, compile=True), "trainer": run_trainer}[cfg.worker](cfg)

@@ -109,6 +109,21 @@ def test_chunked_lm_head_cross_entropy_equals_the_plain_one_and_its_gradients(n,
         torch.testing.assert_close(a, 3 * b, rtol=1e-5, atol=1e-5)
 
 
+def test_under_bf16_autocast_the_chunked_head_matches_the_plain_one_to_bf16_precision():
+    g = torch.Generator().manual_seed(0)
+    h, W = torch.randn(30, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    y = torch.randint(0, 50, (30,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = _plain_loss(h, W, y, None)
+        ref = torch.autograd.grad(plain, (h, W))
+        chunked = recover.ChunkedLinearCE.apply(h, W, y, 7, None)
+        got = torch.autograd.grad(chunked, (h, W))
+    assert chunked.dtype == torch.float32 and got[1].dtype == W.dtype
+    torch.testing.assert_close(chunked, plain.float(), rtol=1e-2, atol=1e-2)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("gemma2", True)])  # gemma2: soft-cap
 def test_training_with_the_chunked_head_equals_training_with_the_plain_one(arch, tied, tmp_path):
     runs = {c: run(tmp_path / str(c), model=tiny_model(arch, layers=2, tied=tied), ce_chunk=c)["model"]
