@@ -4,7 +4,8 @@
 1. calibration overhead: a forward pass with PTL's score hooks / the same forward without hooks;
 2. literal Eq. 2 (remove one neuron, re-run its layer, for every neuron) / PTL's one hooked pass,
    extrapolated from a sample of neurons; plus how well the two rank that sample (Spearman);
-3. realized speed: pruned / dense forward tokens per second at equal inputs, next to the FLOP ratio.
+3. realized speed: pruned / dense forward tokens per second at equal inputs, next to the FLOP ratio;
+4. the Eq. 4 hook: each row's real tokens read in place against gathered by the mask (`--hook-only`: just this).
 
     python scripts/bench_ptl.py                       # default model (SmolLM2-135M), offline data, CPU
     python scripts/bench_ptl.py --pruned out/ptl/round_2      # speed of a checkpoint that ptl.py wrote
@@ -44,6 +45,7 @@ class Config:
     speed_batch: int = 8
     speed_len: int = 256
     threads: int = 0  # torch threads (0: torch's default)
+    hook_only: bool = False  # only measurement 4: the Eq. 4 statistic read in place vs gathered
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
@@ -145,9 +147,25 @@ def realized_speed(model, cfg) -> dict:
             "speedup": speedup, "speedup_over_flop_ratio": speedup / flop_ratio}
 
 
+def hook_cost(cfg: Config) -> dict:
+    """Seconds of one Eq. 4 hook call on an (8, 256, I) activation with ragged padding: each row's real tokens read
+    in place (real_spans, what the hook does) against gathered by the mask first; medians, alternated."""
+    g = torch.Generator().manual_seed(0)
+    act, mask = torch.randn(8, 256, 1536, generator=g), torch.ones(8, 256, dtype=torch.bool)
+    mask[3, 200:], mask[5, 100:] = False, False
+    spans = ptl.real_spans(mask)
+    t = interleaved({"in place": lambda: ptl.neuron_score(act, mask, spans),
+                     "gathered": lambda: ptl.neuron_score(act, mask)}, 35, 5)
+    print(f"4. Eq. 4 hook on (8, 256, 1536): read in place {t['in place'] * 1e3:.2f} ms, gathered "
+          f"{t['gathered'] * 1e3:.2f} ms: {t['gathered'] / t['in place']:.2f}x")
+    return t
+
+
 def main(cfg: Config) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.hook_only:
+        return {"hook": hook_cost(cfg)}
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     batches = make_batches(tok, load_texts("offline", n=cfg.calib_samples, seed=0), max_length=cfg.max_length,
                            batch_size=cfg.batch_size)
@@ -166,6 +184,7 @@ def main(cfg: Config) -> dict:
     print(f"3. pruned (width {s['width']}, layers {s['layers']}): params {s['param_ratio']:.3f}x smaller, "
           f"FLOPs {s['flop_ratio']:.3f}x fewer, forward {s['speedup']:.3f}x faster "
           f"= {s['speedup_over_flop_ratio']:.3f} of the FLOP ratio")
+    res["hook"] = hook_cost(cfg)
     return res
 
 
