@@ -204,7 +204,7 @@ def rollout(model, tok, prompts: list[str], cfg: "Config", seeds: list[int]) -> 
             new = [resp[b, : n].tolist() for b, n in enumerate(completion_mask(resp, tok.eos_token_id).sum(1))]
         else:
             new = sample_groups(model, x, mask, seeds[s : s + per_call], cfg, eos={tok.eos_token_id})
-        P += [x[b // G][mask[b // G].bool()].tolist() for b in range(len(new))]
+        P += [p for i in range(len(x)) for p in [x[i][mask[i].bool()].tolist()] * G]  # each prompt's ids, G times
         R += new
     model.train()
     return P, R

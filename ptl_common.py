@@ -461,7 +461,7 @@ def _growing_layer_class():
             if not self.is_initialized:
                 self.lazy_initialization(key_states, value_states)
             T, n = self.get_seq_length(), key_states.shape[-2]
-            kb, vb = getattr(self, "_buffers", (None, None))
+            kb, vb = getattr(self, "_room", (None, None))
             if kb is None or T + n > kb.shape[-2] or (T and (self.keys.data_ptr(), self.keys.stride()) != (
                     kb.data_ptr(), kb.stride())) or kb.shape[:-2] != key_states.shape[:-2]:
                 shape = (*key_states.shape[:-2], max(2 * (T + n), 64))
@@ -469,7 +469,7 @@ def _growing_layer_class():
                 vb = value_states.new_empty((*shape, value_states.shape[-1]))
                 if T:
                     kb[..., :T, :], vb[..., :T, :] = self.keys, self.values
-                self._buffers = kb, vb
+                self._room = kb, vb  # (keys, values) buffers
             kb[..., T : T + n, :], vb[..., T : T + n, :] = key_states, value_states
             self.keys, self.values = kb[..., : T + n, :], vb[..., : T + n, :]
             return self.keys, self.values

@@ -18,7 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sides import emit, run_sides  # noqa: E402
+from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
 
 
@@ -48,9 +48,6 @@ def run(cfg: Config) -> dict:
     return {"seconds": secs, "accuracy": res["accuracy"], "samples": res["samples"]}
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu")
-
-
 def profile(cfg: Config) -> dict:
     """Self time of each op over one builtin run: how much goes to matmuls, how much to other ops, and how much of
     the wall time no op accounts for (Python: the decode loop, the stop-string check, the tokenizer)."""
@@ -67,13 +64,7 @@ def profile(cfg: Config) -> dict:
         t0 = time.perf_counter()
         ev.evaluate_model(model, tok, ecfg)
         wall = time.perf_counter() - t0
-    ops = p.key_averages()
-    print(ops.table(sort_by="self_cpu_time_total", row_limit=12))
-    total = sum(e.self_cpu_time_total for e in ops) / 1e6
-    mm = sum(e.self_cpu_time_total for e in ops if e.key in MATMULS) / 1e6
-    print(f"wall {wall:.1f} s | ops {total / wall:.1%} of it (matmuls and attention {mm / wall:.1%}, other ops "
-          f"{(total - mm) / wall:.1%}) | outside any op (Python, tokenizer) {1 - total / wall:.1%}")
-    return {"wall_s": wall, "ops_share": total / wall, "matmul_share": mm / wall}
+    return op_shares(p, wall, {"matmuls and attention": MATMULS})
 
 
 def main(cfg: Config) -> dict:

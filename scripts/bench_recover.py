@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-from sides import emit, run_sides  # noqa: E402
+from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
 
 
@@ -138,13 +138,7 @@ def profile(cfg: Config) -> dict:
         finally:
             recover.train_step = real
     wall = state["wall"]
-    ops = state["prof"].key_averages()
-    print(ops.table(sort_by="self_cpu_time_total", row_limit=15))
-    share = {k: sum(e.self_cpu_time_total for e in ops if any(s in e.key for s in v)) / 1e6 / wall for k, v in {
-        "matmuls": ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product"),
-        "AdamW": ("_fused_adamw",), "all ops": ("",)}.items()}
-    print(" | ".join(f"{k} {v:.1%} of the wall time" for k, v in share.items()))
-    return share
+    return op_shares(state["prof"], wall, {"matmuls": MATMULS, "AdamW": ("_fused_adamw",)}, rows=15)
 
 
 def main(cfg: Config) -> dict:

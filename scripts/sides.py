@@ -16,6 +16,21 @@ def emit(res: dict) -> dict:
     return res
 
 
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")  # GEMMs and fused attention
+
+
+def op_shares(prof, wall: float, groups: dict[str, tuple], rows: int = 12) -> dict[str, float]:
+    """Print a torch.profiler run's top ops by self time, then {group: share of the wall time} of the ops whose
+    names contain one of the group's strings, and the share outside any op (Python, tokenizer, data)."""
+    ops = prof.key_averages()
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=rows))
+    share = {k: sum(e.self_cpu_time_total for e in ops if any(s in e.key for s in v)) / 1e6 / wall
+             for k, v in {**groups, "all ops": ("",)}.items()}
+    share["outside any op"] = 1 - share["all ops"]
+    print(f"wall {wall:.1f} s | " + " | ".join(f"{k} {v:.1%}" for k, v in share.items()))
+    return share
+
+
 def run_sides(script: str, cfg, sides: list[str], env: dict | None = None) -> dict[str, list[dict]]:
     """{side: [result of each repeat]}: `script` re-run with cfg's flags and --worker=side, cfg.repeats times
     per side, alternated, so that every side sees the same drift of a shared, noisy machine."""
