@@ -22,9 +22,9 @@ Choices:
    verl's "token-mean", the authors' setting; not the original GRPO's mean of per-response means.
 3. Advantages use the unbiased std (as verl and TRL) and eps 1e-6; a constant group gets exactly 0.
 4. A prompt's whole group is generated and scored on one rank, so group statistics need no all-gather.
-   Sampling is seeded per generate call. By default one call samples all of a rank's prompts (faster: one
-   batch instead of many; scripts/bench_grpo.py measures it); with --gen-batch 1 each prompt is its own call,
-   seeded per (seed, step, prompt), so rollouts do not depend on the world size.
+   The builtin rollout engine draws response g of prompt i with its own generator, seeded by (seed, step, i, g),
+   so rollouts do not depend on the world size or the batch; --rollout-engine hf seeds once per generate call
+   (--gen-batch prompts), so there only --gen-batch 1 makes them independent of the world size.
 5. --prompt chat is the authors' prompt: one user turn through the chat template, with their suffix.
    --prompt fewshot is "Question: q Answer:" after three worked examples that end in EOS. `auto` takes
    fewshot for offline data, because a model as small as the default one earns almost no reward through the
@@ -34,6 +34,9 @@ Choices:
 7. Accuracy is graded by math-verify (default, lenient: \\frac{2}{4} is 1/2) or, with --grader mathruler, by
    EasyR1's own grader (stricter, and 0 wherever sympy fails, as EasyR1 scores it). Both read the last
    \\boxed{} only, as EasyR1's format rule does; \\fbox counts in evaluation (evaluate.py), not in rewards.
+8. A group's prompt is run once for its G responses, in the rollout and in the log-probs of the update (its
+   KV cache repeated for the G rows, its gradient summed over them): a step costs P + G R positions for a
+   P-token prompt and R-token responses, not G (P + R).
 
     python grpo.py --rollout-batch 8 --max-response-length 48 --max-steps 5 --out /tmp/grpo     # CPU, offline
     torchrun --nproc_per_node 8 grpo.py --model out/qwen/round_2 --data hiyouga/math12k --samples 1200 \\
@@ -54,9 +57,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, Sampling, all_reduce_, all_reduce_dict, chat_prompt,
-                        check_ranges, cleanup_dist, decode, flag, last_boxed, load_model, load_rows, math_equal,
-                        question_answer, repeat_cache, returned_cache, run_cli, setup_dist)
+from ptl_common import (DEFAULT_MODEL, OfflineReasoning, Sampling, all_reduce_, all_reduce_dict, cache_arg,
+                        chat_prompt, check_ranges, cleanup_dist, decode, flag, last_boxed, load_model, load_rows,
+                        math_equal, question_answer, repeat_cache, returned_cache, run_cli, setup_dist)
 from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -227,21 +230,46 @@ def sample_groups(model, x: torch.Tensor, mask: torch.Tensor, seeds: list[int], 
 
 def response_logps(model, prompts: list[list[int]], responses: list[list[int]], pad_id: int, temperature: float):
     """log pi(response token | everything before it) / temperature-scaled, as sampled. -> logp, mask (B, T)
-    Prompts are left-padded and responses right-padded; positions follow the real tokens (as in generate)."""
-    Pn, T = max(map(len, prompts)), max(max(map(len, responses)), 1)
+
+    Rows that follow a row with the same prompt (a group) share one prefill of it: the KV cache of all but its
+    last token is computed once per group and repeated for the group's rows (the gradient flows back through
+    the repeat, summed over the rows), and each row then runs only [last prompt token, response[:-1]]. For G
+    responses of R tokens to a P-token prompt that is P + G R positions instead of G (P + R). Prefixes are
+    left-padded and responses right-padded; positions follow the real tokens (as in generate)."""
     dev = next(model.parameters()).device
-    ids = torch.full((len(prompts), Pn + T), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
+    starts = [b for b in range(len(prompts)) if b == 0 or prompts[b] != prompts[b - 1]]
+    counts = torch.tensor(starts[1:] + [len(prompts)]) - torch.tensor(starts)  # (groups,) rows per group
+    x, head_mask = left_pad([prompts[b][:-1] for b in starts], pad_id)  # (groups, P - 1)
+    cache = None
+    if x.shape[1]:
+        pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+        cache = returned_cache(model(input_ids=x.to(dev), attention_mask=head_mask.to(dev), position_ids=pos.to(dev),
+                                     use_cache=True, logits_to_keep=1))
+        cache.batch_repeat_interleave(counts.to(dev))
+    T = max(max(map(len, responses)), 1)
+    ids, y = torch.full((len(prompts), T), pad_id, dtype=torch.long), torch.full((len(prompts), T), pad_id)
+    mask = torch.zeros_like(ids)  # (B, T) 1 on response tokens
     for b, (p, r) in enumerate(zip(prompts, responses)):
-        ids[b, Pn - len(p) : Pn + len(r)] = torch.tensor(p + r)
-        attn[b, Pn - len(p) : Pn + len(r)] = 1
-    ids, attn = ids.to(dev), attn.to(dev)
-    pos = (attn.cumsum(1) - 1).clamp(min=0)
-    # Only the last T + 1 positions' logits are needed: they predict the T response tokens.
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=T + 1, use_cache=False).logits
-    y = ids[:, Pn:]
-    logp = -F.cross_entropy(logits[:, :-1].flatten(0, 1).float() / temperature, y.flatten(), reduction="none")
-    return logp.view(len(prompts), T), attn[:, Pn:]
+        ids[b, : max(len(r), 1)] = torch.tensor(p[-1:] + r[:-1])
+        y[b, : len(r)], mask[b, : len(r)] = torch.tensor(r, dtype=torch.long), 1
+    attn = torch.cat([head_mask.repeat_interleave(counts, 0), mask], 1)  # inputs t < len(r) are real, and
+    attn[:, x.shape[1]] = 1  # the last prompt token (input 0) is real even for an empty response
+    pos = torch.tensor([len(p) - 1 for p in prompts])[:, None] + torch.arange(T)
+    logits = model(input_ids=ids.to(dev), attention_mask=attn.to(dev), position_ids=pos.to(dev), use_cache=False,
+                   **{cache_arg(getattr(model, "module", model)): cache}).logits  # (B, T, V): t predicts token t
+    logits = logits.float() if temperature == 1 else logits.float() / temperature
+    logp = -F.cross_entropy(logits.flatten(0, 1), y.flatten().to(dev), reduction="none")
+    return logp.view(len(prompts), T), mask.to(dev)
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> ids, mask (B, max length), left-padded."""
+    n = max(map(len, rows))
+    ids, mask = torch.full((len(rows), n), pad_id, dtype=torch.long), torch.zeros(len(rows), n, dtype=torch.long)
+    for b, r in enumerate(rows):
+        if r:
+            ids[b, n - len(r):], mask[b, n - len(r):] = torch.tensor(r), 1
+    return ids, mask
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -98,6 +98,42 @@ def test_with_ratio_one_and_no_kl_the_gradient_is_minus_advantage_times_grad_log
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def own_logps(model, prompts, responses, temperature):
+    """The reference: each row alone, unpadded, all of prompt + response in one forward. -> list of (len(r),)"""
+    out = []
+    for p, r in zip(prompts, responses):
+        logits = model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1 : len(p) + len(r) - 1]
+        out.append(torch.log_softmax(logits.float() / temperature, -1).gather(1, torch.tensor(r)[:, None])[:, 0])
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])
+def test_log_probs_with_one_prefill_per_group_equal_each_rows_own_forward_and_so_do_gradients(arch):
+    # groups of 3, 1 and 2 rows (the middle prompt one token long: no prefix to prefill), ragged responses, one
+    # empty; qwen2's and gemma2's 4-token sliding windows make the prefilled cache drop tokens
+    model, g = tiny_model(arch, layers=2), torch.Generator().manual_seed(0)
+    tokens = lambda n: torch.randint(3, 128, (n,), generator=g).tolist()  # noqa: E731
+    p1, p2, p3 = tokens(9), tokens(1), tokens(5)
+    prompts = [p1, p1, p1, p2, p3, p3]
+    responses = [tokens(4), tokens(1), tokens(7), tokens(3), [], tokens(2)]
+    w = torch.randn(len(prompts), 7, generator=g)  # any weighting of the tokens, for the gradients
+
+    def run(fn):
+        model.zero_grad()
+        lps = fn()
+        sum((lp * w[b, : len(lp)]).sum() for b, lp in enumerate(lps)).backward()
+        return [lp.detach() for lp in lps], [q.grad.clone() for q in model.parameters()]
+
+    def batched():
+        logp, mask = grpo.response_logps(model, prompts, responses, 0, 0.7)
+        assert mask.sum(1).tolist() == [len(r) for r in responses]
+        return [logp[b, : len(r)] for b, r in enumerate(responses)]
+
+    (got, got_grad), (want, want_grad) = run(batched), run(lambda: own_logps(model, prompts, responses, 0.7))
+    for a, b in zip(got + got_grad, want + want_grad):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("ratio, A, clipped", [
     (1.5, 1.0, True),    # above 1 + eps_high with A > 0: no push further up
     (0.5, -1.0, True),   # below 1 - eps_low with A < 0: no push further down
