@@ -23,6 +23,7 @@ Choices, against the paper and the authors' LLaMA-Factory yamls:
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -40,6 +41,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
 
 from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, check_ranges,
@@ -169,14 +171,32 @@ def wrap(model, d: Dist, *, fsdp: bool = False):
     return fully_shard(model)
 
 
-def checkpointing(model, on: bool) -> None:
-    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. transformers 5.23
-    renamed gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
+def checkpointing(model, on: bool, policy: str = "full") -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. policy "full" recomputes
+    a layer's whole forward in backward; "matmuls" keeps what its matmuls and attention return and recomputes only
+    the pointwise ops between them (norms, rotary, activation, residual adds): most of the memory for a few percent
+    of the compute (PyTorch's selective activation checkpointing). transformers 5.23 renamed
+    gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
     name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
     if on:
-        getattr(model, f"{name}_checkpointing_enable")({"use_reentrant": False})
+        kw = {"use_reentrant": False}
+        if policy == "matmuls":
+            kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
+        getattr(model, f"{name}_checkpointing_enable")(kw)
     else:
         getattr(model, f"{name}_checkpointing_disable")()
+
+
+_aten = torch.ops.aten
+SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+             _aten._scaled_dot_product_flash_attention_for_cpu.default,  # SDPA's CPU kernel; then CUDA's three
+             _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+             _aten._scaled_dot_product_cudnn_attention.default}
+
+
+def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy: keep the outputs of matmuls and fused attention, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 @contextmanager
@@ -250,6 +270,9 @@ class Config:
     epochs: int = flag(1, "passes over the data (paper: 1)")
     max_steps: int = flag(0, "optimizer steps (0: epochs over the data)")
     grad_ckpt: bool = flag(False, "non-reentrant gradient checkpointing")
+    ckpt_policy: Literal["full", "matmuls"] = flag("full", "with --grad-ckpt: full recomputes each decoder layer "
+                                                   "in backward; matmuls keeps the matmul and attention outputs and "
+                                                   "recomputes only the pointwise ops")
     ce_chunk: int = flag(512, "tokens per chunk of the LM-head cross-entropy, which never holds the whole (tokens x "
                               "vocab) logits (0: the plain head and cross-entropy)")
     fsdp: bool = flag(False, "FSDP2 per decoder layer instead of DDP")
@@ -270,9 +293,12 @@ class Config:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
         if self.keep_every < 0 or self.save_every < 0:
             raise ValueError("need --keep-every >= 0 and --save-every >= 0")
+        if self.ckpt_policy != "full" and not self.grad_ckpt:
+            raise ValueError(f"--ckpt-policy {self.ckpt_policy} chooses what --grad-ckpt recomputes; add --grad-ckpt")
 
 
-RESUMABLE = {"save_every", "keep_every", "device", "out", "ce_chunk", "compile"}  # may change when a run is resumed
+# May change when a run is resumed: they change speed or memory, not what is computed.
+RESUMABLE = {"save_every", "keep_every", "device", "out", "ce_chunk", "compile", "ckpt_policy"}
 
 
 def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
@@ -305,7 +331,7 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     warmup = math.ceil(cfg.warmup_ratio * total)
     model.train()
     if cfg.grad_ckpt:  # before wrapping, non-reentrant: works with DDP's no_sync and FSDP2
-        checkpointing(model, True)
+        checkpointing(model, True, cfg.ckpt_policy)
     if cfg.compile:  # in place (nn.Module.compile): parameter names and the state dict stay as they are
         model.compile()
     net = wrap(model, d, fsdp=cfg.fsdp)

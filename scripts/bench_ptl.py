@@ -56,16 +56,25 @@ def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
 @torch.no_grad()
 def calibration_overhead(model, batches, cfg) -> dict:
     """{hooked pass: (median, lowest, highest) over the repeats of its time / the plain pass's time in the same
-    repeat}: the passes alternate, so each ratio compares runs made side by side."""
-    def plain():
-        for b in batches:
+    repeat}. The variants alternate batch by batch, in an order rotated from one batch to the next, so the
+    drift of a shared machine reaches every variant within seconds of the others; a repeat sums its batches."""
+    def plain(bs):
+        for b in bs:
             model.base_model(**b, use_cache=False)
-    t = alternate({
-        "plain": plain,
-        "neurons": lambda: ptl.score_pass(model, batches, layer_rule=None),
-        "neurons+layers": lambda: ptl.score_pass(model, batches),
-        "released": lambda: ptl.score_pass(model, batches, neuron_rule="released", layer_rule=None),
-    }, repeats=cfg.repeats, warmup=cfg.warmup)
+    variants = {"plain": plain, "neurons": lambda bs: ptl.score_pass(model, bs, layer_rule=None),
+                "neurons+layers": lambda bs: ptl.score_pass(model, bs),
+                "released": lambda bs: ptl.score_pass(model, bs, neuron_rule="released", layer_rule=None)}
+    names, t = list(variants), {k: [] for k in variants}
+    for r in range(cfg.warmup + cfg.repeats):
+        this = dict.fromkeys(names, 0.0)
+        for i, b in enumerate(batches):
+            for k in names[i % len(names):] + names[: i % len(names)]:
+                t0 = time.perf_counter()
+                variants[k]([b])
+                this[k] += time.perf_counter() - t0
+        if r >= cfg.warmup:
+            for k in names:
+                t[k].append(this[k])
     ratios = {k: [a / p for a, p in zip(v, t["plain"])] for k, v in t.items() if k != "plain"}
     return {k: (statistics.median(r), min(r), max(r)) for k, r in ratios.items()}
 

@@ -1,7 +1,10 @@
 """recover.py against Hugging Face `Trainer` on the same model, packed blocks *in the same order*, batch,
-length, lr schedule and number of steps: tokens per second, the loss of both step by step, and peak memory.
-Each trainer runs in its own subprocess, alternated A B A B, so ratios are measured side by side on a noisy
-machine. No warmup: HF's schedule spends its first warmup update at lr 0, ours does not.
+length, lr schedule and number of steps: tokens per second, the loss of both step by step, and peak memory two
+ways: the live tensors of the last step (weights, gradients, AdamW state, activations: torch.profiler's memory
+events, as torch.cuda.max_memory_allocated counts them on a GPU), and the resident set while training (the peak is
+reset once the model and data are loaded), which adds the freed pages the C allocator keeps.
+Each trainer runs in its own subprocess, alternated A B A B, so ratios are measured side by side on a noisy machine.
+No warmup: HF's schedule spends its first warmup update at lr 0, ours does not.
 
     python scripts/bench_recover.py                          # SmolLM2-135M, CPU, offline data
     python scripts/bench_recover.py --steps 12 --repeats 3
@@ -10,12 +13,13 @@ machine. No warmup: HF's schedule spends its first warmup update at lr 0, ours d
 
 Sides: ours (recover.py's defaults: the chunked LM-head cross-entropy), plain-ce (--ce-chunk 0: the whole logits,
 as Trainer computes them), compiled (--compile; its first step, which compiles, is left out like every first step),
-trainer.
+grad-ckpt (--grad-ckpt: activation checkpointing, which trades a second forward for activation memory),
+ckpt-matmuls (--grad-ckpt --ckpt-policy matmuls: recomputes only the pointwise ops), trainer.
 """
 from __future__ import annotations
 
 import json
-import resource
+import math
 import statistics
 import sys
 import tempfile
@@ -27,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
-from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
+from sides import MATMULS, LivePeak, emit, held_mb, op_shares, peak_rss_mb, reset_peak_rss, run_sides  # noqa: E402
 from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
 
 
@@ -62,14 +66,34 @@ def run_ours(cfg: Config, **flags) -> dict:
     import recover
 
     model, tok, texts, _ = blocks(cfg)
+    loaded = peak_rss_mb(), reset_peak_rss()
     with tempfile.TemporaryDirectory() as out:
         rc = recover.Config(out=out, max_length=cfg.max_length, global_batch=cfg.global_batch, lr=cfg.lr,
                             micro_batch=cfg.micro_batch, max_steps=cfg.steps, warmup_ratio=0.0, seed=cfg.seed,
                             **flags)
-        recover.train(model, tok, texts, rc)
+        real, peak = recover.train_step, {}
+
+        def step(net, opt, *a, **k):  # the last step runs under LivePeak (and is left out of the timing)
+            if peak.get("n", 0) + 1 < cfg.steps:
+                peak["n"] = peak.get("n", 0) + 1
+                return real(net, opt, *a, **k)
+            with LivePeak(lambda: held_mb(net, opt)) as p:
+                res = real(net, opt, *a, **k)
+            peak["mb"] = p.mb
+            return res
+        recover.train_step = step
+        try:
+            recover.train(model, tok, texts, rc)
+        finally:
+            recover.train_step = real
         rows = [json.loads(r) for r in (Path(out) / "metrics.jsonl").read_text().splitlines()]
     return {"step_s": [cfg.global_batch * cfg.max_length / r["tokens_per_s"] for r in rows],
-            "loss": [r["loss"] for r in rows]}
+            "loss": [r["loss"] for r in rows], "live_peak_mb": peak["mb"], **memory(loaded)}
+
+
+def memory(loaded: tuple[float, bool]) -> dict:
+    """Peak RSS of the loading (model, data) and of the training after it; None where it could not be split."""
+    return {"load_peak_mb": loaded[0], "train_peak_mb": peak_rss_mb() if loaded[1] else None}
 
 
 def run_trainer(cfg: Config) -> dict:
@@ -79,6 +103,7 @@ def run_trainer(cfg: Config) -> dict:
     from torch.utils.data import SequentialSampler
 
     model, tok, _, data = blocks(cfg)
+    loaded = peak_rss_mb(), reset_peak_rss()
     order = torch.randperm(len(data["input_ids"]), generator=torch.Generator().manual_seed(cfg.seed))  # recover.py's
     ds = datasets.Dataset.from_dict({k: v[order].tolist() for k, v in data.items()})
 
@@ -87,12 +112,16 @@ def run_trainer(cfg: Config) -> dict:
             return SequentialSampler(self.train_dataset)
     times, losses = [], []
 
-    class Clock(TrainerCallback):
-        def on_step_begin(self, *a, **k):
+    class Clock(TrainerCallback):  # times each step; the last runs under LivePeak (and is left out of the timing)
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **k):
+            if state.global_step == cfg.steps - 1:
+                self.peak = LivePeak(lambda: held_mb(model, optimizer)).__enter__()
             self.t = time.perf_counter()
 
-        def on_step_end(self, *a, **k):
+        def on_step_end(self, args, state, control, **k):
             times.append(time.perf_counter() - self.t)
+            if state.global_step == cfg.steps:
+                self.peak.__exit__(None, None, None)
 
         def on_log(self, args, state, control, logs=None, **k):
             if logs and "loss" in logs:
@@ -105,8 +134,9 @@ def run_trainer(cfg: Config) -> dict:
             lr_scheduler_type="cosine", warmup_steps=0, max_steps=cfg.steps,
             weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[],
             use_cpu=True, seed=0, dataloader_num_workers=0, disable_tqdm=True)
-        InOrder(model=model, args=args, train_dataset=ds, callbacks=[Clock()]).train()
-    return {"step_s": times, "loss": losses}
+        clock = Clock()
+        InOrder(model=model, args=args, train_dataset=ds, callbacks=[clock]).train()
+    return {"step_s": times, "loss": losses, "live_peak_mb": clock.peak.mb, **memory(loaded)}
 
 
 def profile(cfg: Config) -> dict:
@@ -145,32 +175,39 @@ def main(cfg: Config) -> dict:
     if cfg.profile:
         return profile(cfg)
     if cfg.worker:
-        res = {"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
-               "compiled": lambda c: run_ours(c, compile=True), "trainer": run_trainer}[cfg.worker](cfg)
-        res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        return emit(res)
+        return emit({"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
+                     "compiled": lambda c: run_ours(c, compile=True),
+                     "grad-ckpt": lambda c: run_ours(c, grad_ckpt=True),
+                     "ckpt-matmuls": lambda c: run_ours(c, grad_ckpt=True, ckpt_policy="matmuls"),
+                     "trainer": run_trainer}[cfg.worker](cfg))
     runs = run_sides(__file__, cfg, cfg.sides.split(","))
     tokens = cfg.global_batch * cfg.max_length
-    res = {}
-    for side, rs in runs.items():  # the first step holds one-off costs (allocation, warm caches): skip it
-        res[side] = {"tokens_per_s": tokens / statistics.median(s for r in rs for s in r["step_s"][1:]),
-                     "loss": rs[0]["loss"],
-                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs)}
+    # Timed steps: the first holds one-off costs (allocation, warm caches), the last runs under the profiler.
+    res = {side: {"tokens_per_s": tokens / statistics.median(s for r in rs for s in r["step_s"][1:-1]),
+                  "runs_tokens_per_s": [tokens / statistics.median(r["step_s"][1:-1]) for r in rs],
+                  "loss": rs[0]["loss"], "load_peak_mb": max(r["load_peak_mb"] for r in rs),
+                  "train_peak_mb": max(r["train_peak_mb"] or math.nan for r in rs),
+                  "live_peak_mb": max(r["live_peak_mb"] for r in rs)} for side, rs in runs.items()}
+    report(res, cfg)
+    return res
+
+
+def report(res: dict, cfg: Config):
     print(f"model {cfg.model} | {cfg.steps} steps of {cfg.global_batch} x {cfg.max_length} tokens "
           f"(micro {cfg.micro_batch}) | {cfg.repeats} runs each, alternated")
     for side, r in res.items():
-        print(f"  {side:8s} tokens/s {r['tokens_per_s']:.0f} | peak RSS {r['peak_rss_mb']:.0f} MB | loss per step "
+        print(f"  {side:8s} tokens/s {r['tokens_per_s']:.0f} | live tensors at most {r['live_peak_mb']:.0f} MB | peak "
+              f"RSS loading {r['load_peak_mb']:.0f} MB, training {r['train_peak_mb']:.0f} MB | loss per step "
               + " ".join(f"{x:.4f}" for x in r["loss"]))
     t = res.get("trainer")
     for side, o in res.items():
         if t is None or side == "trainer":
             continue
         gap = max(abs(a - b) for a, b in zip(o["loss"], t["loss"]))
-        per_run = [tokens / statistics.median(r["step_s"][1:]) for r in runs[side]]
         print(f"{side} / Trainer: {o['tokens_per_s'] / t['tokens_per_s']:.3f}x tokens/s (its runs: "
-              + ", ".join(f"{x / t['tokens_per_s']:.3f}x" for x in per_run)
-              + f"), peak memory {o['peak_rss_mb'] / t['peak_rss_mb']:.3f}x, largest loss gap over the steps {gap:.2e}")
-    return res
+              + ", ".join(f"{x / t['tokens_per_s']:.3f}x" for x in o["runs_tokens_per_s"])
+              + f"), live tensors at peak {o['live_peak_mb'] / t['live_peak_mb']:.3f}x, peak RSS while training "
+              f"{o['train_peak_mb'] / t['train_peak_mb']:.3f}x, largest loss gap over the steps {gap:.2e}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,61 @@ def emit(res: dict) -> dict:
     return res
 
 
+def reset_peak_rss() -> bool:
+    """Set this process's peak resident memory (VmHWM) back to its current RSS (Linux: clear_refs 5), so a later
+    peak_rss_mb() is the peak of what ran since, model loading excluded. False where the kernel does not allow it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM (since reset_peak_rss), else getrusage's lifetime peak."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class LivePeak:
+    """`with LivePeak(held) as p:` -> p.mb, the peak MB of live tensors inside the block: `held()` (MB live when it
+    begins, e.g. weights and optimizer state) plus the highest running sum of torch.profiler's allocation events.
+    The CPU analogue of torch.cuda.max_memory_allocated: unlike peak RSS it leaves out the freed pages that the C
+    allocator keeps, which depend on allocation order rather than on what the training step holds."""
+
+    def __init__(self, held):
+        self.held, self.mb = held, None
+
+    def __enter__(self):
+        import torch
+        self.base = self.held()
+        self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+        self.prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.prof.__exit__(*exc)
+        events = sorted((e for e in self.prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                        key=lambda e: e.start_ns())
+        live = peak = 0
+        for e in events:  # nbytes > 0 allocates, < 0 frees
+            live += e.nbytes()
+            peak = max(peak, live)
+        self.mb = self.base + peak / 2**20
+
+
+def held_mb(model, opt) -> float:
+    """MB of the model's parameters and gradients and the optimizer's state tensors."""
+    ts = [t for p in model.parameters() for t in (p, p.grad) if t is not None]
+    ts += [v for st in opt.state.values() for v in st.values() if hasattr(v, "nbytes") and v.dim()]
+    return sum(t.nbytes for t in ts) / 2**20
+
+
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product")  # GEMMs and fused attention
 
 

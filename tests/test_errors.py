@@ -54,6 +54,7 @@ def test_the_scripts_report_a_user_error_in_one_line_before_loading_a_model():
     (dict(recovery="cpt", cpt_flags="--lr 1e-5"), "needs a data size per round"),
     (dict(recovery="grpo", grpo_flags="--samples 8 --top-p 2"), "--grpo-flags: --top-p 2.0"),
     (dict(eval_every_round=True, eval_flags="--tasks gsm9k"), "unknown benchmark 'gsm9k'"),
+    (dict(recovery="cpt", cpt_flags="--samples 4 --ckpt-policy matmuls"), "--ckpt-policy matmuls .* add --grad-ckpt"),
 ])
 def test_ptl_refuses_flags_that_would_be_ignored_or_fail_later_before_any_model_loads(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -169,6 +169,34 @@ def test_gradient_checkpointing_changes_memory_not_results(tmp_path):
     assert not on and not ckpt.training, "handed back ready for scoring"
 
 
+def test_selective_checkpointing_recomputes_no_matmul_and_changes_no_result(tmp_path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CountMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, op, types, args=(), kwargs=None):
+            self.n += op in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default)
+            return op(*args, **(kwargs or {}))
+
+    def matmuls(policy):  # aten matmuls in one forward and backward, with layer checkpointing by `policy`
+        model = tiny_model("qwen2", layers=2).train()  # qwen2: q/k/v have biases, so addmm as well as mm
+        if policy:
+            recover.checkpointing(model, True, policy)
+        with CountMatmuls() as c:
+            model(input_ids=torch.arange(3, 19).view(2, 8)).logits.sum().backward()
+        return c.n
+
+    plain = matmuls(None)
+    assert matmuls("matmuls") == plain < matmuls("full"), "matmuls: pointwise ops recomputed, matmuls kept"
+    a = run(tmp_path / "a")["model"]
+    b = run(tmp_path / "b", grad_ckpt=True, ckpt_policy="matmuls")["model"]
+    for (k, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7, msg=k)
+
+
 def test_a_killed_run_resumes_and_ends_equal_to_an_unbroken_one(tmp_path, monkeypatch):
     real = recover.cosine_lr
 
