@@ -89,7 +89,9 @@ def main(cfg: Config) -> dict:
           f"tokens max, batch {cfg.batch_size} | {cfg.repeats} runs each, alternated")
     for k, rs in runs.items():
         print(f"  {k:8s} questions/s {q[k]:.3f} | accuracy {rs[0]['accuracy']:.3f}")
-    print(f"builtin / lm-eval: {q['builtin'] / q['lm-eval']:.2f}x questions/s | identical generations "
+    pairs = [t["seconds"] / b["seconds"] for b, t in zip(runs["builtin"], runs["lm-eval"])]  # run i of each, in turn
+    print(f"builtin / lm-eval: {q['builtin'] / q['lm-eval']:.2f}x questions/s (each pair of runs: "
+          + ", ".join(f"{x:.2f}x" for x in pairs) + ") | identical generations "
           f"{same_text}/{n} | "
           f"same extracted answer {agree}/{n} ({agree / n:.1%})")
     return {"speedup": q["builtin"] / q["lm-eval"], "same_text": same_text, "agree": agree, "n": n}
