@@ -171,22 +171,6 @@ def wrap(model, d: Dist, *, fsdp: bool = False):
     return fully_shard(model)
 
 
-def checkpointing(model, on: bool, policy: str = "full") -> None:
-    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. policy "full" recomputes
-    a layer's whole forward in backward; "matmuls" keeps what its matmuls and attention return and recomputes only
-    the pointwise ops between them (norms, rotary, activation, residual adds): most of the memory for a few percent
-    of the compute (PyTorch's selective activation checkpointing). transformers 5.23 renamed
-    gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if on:
-        kw = {"use_reentrant": False}
-        if policy == "matmuls":
-            kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
-        getattr(model, f"{name}_checkpointing_enable")(kw)
-    else:
-        getattr(model, f"{name}_checkpointing_disable")()
-
-
 _aten = torch.ops.aten
 SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
              _aten._scaled_dot_product_flash_attention_for_cpu.default,  # SDPA's CPU kernel; then CUDA's three
@@ -197,6 +181,22 @@ SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
 def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     """Selective checkpointing's policy: keep the outputs of matmuls and fused attention, recompute the rest."""
     return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing(model, on: bool, policy: str = "full") -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. policy "full" recomputes
+    a layer's whole forward in backward; "matmuls" keeps what its matmuls and attention return and recomputes only
+    the pointwise ops between them (norms, rotary, activation, residual adds), so no matmul runs twice (PyTorch's
+    selective activation checkpointing). transformers 5.23 renamed
+    gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        kw = {"use_reentrant": False}
+        if policy == "matmuls":
+            kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
+        getattr(model, f"{name}_checkpointing_enable")(kw)
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
 
 
 @contextmanager
