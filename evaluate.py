@@ -372,30 +372,41 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
              add_bos: bool, reuse_prefix: bool = True) -> tuple[list[str], list[tuple[int, int]]]:
     """Greedy completions of `prompts`, cut at the first stop string -> (texts, (prompt, generated) lengths).
 
-    The longest token prefix that all prompts share (the few-shot examples) is run once; each batch starts
-    from a copy of its KV cache, so only the questions are prefilled. Batches are sorted longest first, and
-    a finished row leaves its batch at once (see ptl_common.decode)."""
+    The longest token prefix that all prompts share (the few-shot examples) is run once; each group of rows starts
+    from a copy of its KV cache, so only the questions are prefilled. Prompts enter longest first, `batch_size` at
+    a time, and a finished row's slot is refilled with the next prompt (see ptl_common.decode)."""
+    if not prompts:
+        return [], []
     dev = next(model.parameters()).device
     ids = [encode(tok, p, add_bos) for p in prompts]
     c = common_prefix(ids) if reuse_prefix else 0
     shared = prefix_cache(model, ids[0][:c])
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    texts, lengths, eos = [None] * len(prompts), [None] * len(prompts), eos_ids(model, tok)
-    order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
-    for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not is_main(), leave=False):
-        batch = order[s : s + batch_size]
+    pending, entered = sorted(range(len(prompts)), key=lambda i: -len(ids[i])), []
+    bar = tqdm(total=len(prompts), desc="generate", disable=not is_main(), leave=False)
+
+    def rows(free: int):  # the next `free` prompts as [shared prefix][left padding][rest of the prompt]
+        if not pending:
+            return None
+        batch = [pending.pop(0) for _ in range(min(free, len(pending)))]
         S = max(len(ids[i]) - c for i in batch)
         x = torch.full((len(batch), c + S), pad, dtype=torch.long)
         mask = torch.zeros_like(x)
-        for b, i in enumerate(batch):  # [shared prefix][left padding][rest of the prompt]
+        for b, i in enumerate(batch):
             x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
             x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
             mask[b, c + S - (len(ids[i]) - c) :] = 1
-        new = decode(model, x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)), max_new_tokens=max_new_tokens,
-                     eos=eos, stop=[s for s in stop if s], tok=tok)
-        for b, i in enumerate(batch):
-            texts[i] = _cut(tok.decode(new[b], skip_special_tokens=True), stop)
-            lengths[i] = (len(ids[i]), len(new[b]))
+        entered.extend(batch)
+        bar.update(len(batch))
+        return x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)), None
+
+    new = decode(model, *rows(batch_size)[:3], max_new_tokens=max_new_tokens, eos=eos_ids(model, tok),
+                 stop=[s for s in stop if s], tok=tok, refill=rows)
+    bar.close()
+    texts, lengths = [None] * len(prompts), [None] * len(prompts)
+    for i, n in zip(entered, new):
+        texts[i] = _cut(tok.decode(n, skip_special_tokens=True), stop)
+        lengths[i] = (len(ids[i]), len(n))
     return texts, lengths
 
 

@@ -517,39 +517,124 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling | None, gens: list | No
     return torch.cat([torch.multinomial(p[j], 1, generator=g) for j, g in enumerate(gens)])
 
 
+@dataclasses.dataclass
+class _Running:
+    """Rows being decoded: their KV cache, mask (B, cached + n), next input ids and positions (B, n), the index of
+    each row's output list, and each row's generator (None when greedy)."""
+    cache: typing.Any
+    mask: torch.Tensor
+    ids: torch.Tensor
+    pos: torch.Tensor
+    rows: list
+    gens: list | None
+
+
+def _enter(x: torch.Tensor, mask: torch.Tensor, cache, gens: list | None, out: list) -> _Running:
+    """The rows of a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
+    cache.get_seq_length() positions; each gets an empty output list at the end of `out`."""
+    past = cache.get_seq_length() if cache is not None else 0
+    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
+    out += [[] for _ in range(len(x))]
+    return _Running(cache, mask, x[:, past:], pos[:, past:], list(range(len(out) - len(x), len(out))), gens)
+
+
+def joinable(cache) -> bool:
+    """Whether a cache's columns are the mask's, so rows can be padded, joined and trimmed: every layer keeps all
+    positions (a sliding-window layer keeps only its last ones)."""
+    from transformers.cache_utils import DynamicLayer
+
+    return cache is None or all(type(layer) in (DynamicLayer, GROWING()) for layer in cache.layers)
+
+
+def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
+    """t with n zero columns in front along `dim`."""
+    return torch.cat([t.new_zeros((*t.shape[:dim], n, *t.shape[dim:][1:])), t], dim) if n else t
+
+
+def _join(a: _Running, b: _Running) -> _Running:
+    """One batch of the rows of a, then b: the shorter is left-padded to the longer's length (zero keys and values,
+    mask 0). A masked column changes no row's attention and positions are per row, so columns need not line up."""
+    if not a.rows or not b.rows:
+        return a if a.rows else b
+    T = max(a.mask.shape[1], b.mask.shape[1])
+    na, nb = T - a.mask.shape[1], T - b.mask.shape[1]
+    for la, lb in zip(a.cache.layers, b.cache.layers):  # keys, values (B, H, T - 1, D); the mask also covers ids
+        la.keys = torch.cat([_pad_left(la.keys, na, 2), _pad_left(lb.keys, nb, 2)])
+        la.values = torch.cat([_pad_left(la.values, na, 2), _pad_left(lb.values, nb, 2)])
+    return _Running(a.cache, torch.cat([_pad_left(a.mask, na, 1), _pad_left(b.mask, nb, 1)]), torch.cat([a.ids, b.ids]),
+                    torch.cat([a.pos, b.pos]), a.rows + b.rows, None if a.gens is None else a.gens + b.gens)
+
+
+def _trim(r: _Running) -> _Running:
+    """r without its leading columns that no row attends to (left when the rows that needed them finished), once
+    they are an eighth of the cache or more: attention stops paying for them at every later token."""
+    if not joinable(r.cache):
+        return r
+    lead = int(r.mask.any(0).int().argmax())  # the first column some row attends to
+    if lead * 8 < r.mask.shape[1]:
+        return r
+    for layer in r.cache.layers:
+        layer.keys, layer.values = layer.keys[:, :, lead:], layer.values[:, :, lead:]
+    r.mask = r.mask[:, lead:]
+    return r
+
+
+def _step(model, r: _Running, out: list, ended, *, arg: str, sampling: Sampling | None) -> _Running:
+    """One forward of the running rows: each row's next token is appended to its output; rows that `ended` leave
+    the batch and its KV cache; the rest are ready for the next token."""
+    res = model(input_ids=r.ids, attention_mask=r.mask, position_ids=r.pos, use_cache=True, logits_to_keep=1,
+                **{arg: r.cache})
+    cache, nxt = growing(returned_cache(res)), next_tokens(res.logits[:, -1], sampling, r.gens)
+    keep = []
+    for j, i in enumerate(r.rows):
+        out[i].append(int(nxt[j]))
+        if not ended(out[i]):
+            keep.append(j)
+    mask, pos, gens = r.mask, r.pos[:, -1:], r.gens
+    if len(keep) < len(r.rows):  # drop finished rows from the batch and the cache
+        k = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+        if keep:
+            cache.batch_select_indices(k)
+        mask, pos, nxt = mask[k], pos[k], nxt[k]
+        gens = [gens[j] for j in keep] if gens is not None else None
+    after = _Running(cache, torch.cat([mask, mask.new_ones(len(keep), 1)], 1), nxt[:, None], pos + 1,
+                     [r.rows[j] for j in keep], gens)
+    return _trim(after) if keep and len(keep) < len(r.rows) else after
+
+
 @torch.no_grad()
 def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, eos: set[int],
-           stop: list[str] = (), tok=None, sampling: Sampling | None = None, gens: list | None = None) -> list:
+           stop: list[str] = (), tok=None, sampling: Sampling | None = None, gens: list | None = None,
+           refill=None) -> list:
     """Decode a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
     cache.get_seq_length() positions: greedy, or sampled with one generator per row (`gens`). A row leaves the
     batch (and its KV cache) the moment it ends: a token in `eos`, a stop string in its decoded tail (lm-eval's
     rule; needs `tok`), or max_new_tokens; HF generate goes on computing finished rows until the longest one ends.
-    -> the generated ids of each row, its last token included."""
+
+    With `refill`, the B slots are refilled as rows end (continuous batching): refill(free) returns up to `free`
+    more rows as (x, mask, cache, gens) in the same form, or None when there are no more; they are prefilled and
+    join the running rows, so the batch stays full instead of thinning to its longest row. Rows enter once a
+    quarter of the slots are free (each join copies the cache), or only when all have ended where the cache keeps
+    a sliding window. -> the generated ids of each row in the order the rows entered, its last token included."""
     window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
-    rows, out = list(range(len(x))), [[] for _ in range(len(x))]
-    past = cache.get_seq_length() if cache is not None else 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
-    ids, pos_in = x[:, past:], pos[:, past:]
-    arg = cache_arg(model)  # once, not per token
-    for _ in range(max_new_tokens):
-        res = model(input_ids=ids, attention_mask=mask, position_ids=pos_in, use_cache=True, logits_to_keep=1,
-                    **{arg: cache})
-        cache, nxt = growing(returned_cache(res)), next_tokens(res.logits[:, -1], sampling, gens)
-        keep = []
-        for j, r in enumerate(rows):
-            out[r].append(int(nxt[j]))
-            tail = tok.decode(out[r][-window:]) if stop else ""
-            if not (out[r][-1] in eos or any(s in tail for s in stop) or len(out[r]) == max_new_tokens):
-                keep.append(j)
-        if not keep:
-            break
-        if len(keep) < len(rows):  # drop finished rows from the batch and the cache
-            k = torch.tensor(keep, device=x.device)
-            cache.batch_select_indices(k)
-            mask, pos_in, nxt, rows = mask[k], pos_in[k], nxt[k], [rows[j] for j in keep]
-            gens = [gens[j] for j in keep] if gens is not None else None
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], 1)
-        ids, pos_in = nxt[:, None], pos_in[:, -1:] + 1
+
+    def ended(ids: list) -> bool:
+        tail = tok.decode(ids[-window:]) if stop else ""
+        return ids[-1] in eos or any(s in tail for s in stop) or len(ids) == max_new_tokens
+
+    step = functools.partial(_step, model, ended=ended, arg=cache_arg(model), sampling=sampling)  # arg: once
+    slots, out = len(x), []
+    run = step(_enter(x, mask, cache, gens, out), out)
+    while run.rows or refill is not None:
+        free = slots - len(run.rows)
+        if refill is not None and (not run.rows or free * 4 >= slots and joinable(run.cache)):
+            more = refill(free)
+            if more is None:
+                refill = None
+            else:
+                run = _join(run, step(_enter(*more, out), out))
+            continue
+        run = step(run, out)
     return out
 
 

@@ -10,7 +10,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import grpo
 from conftest import char_tokenizer, tiny_model
-from ptl_common import DEFAULT_MODEL, GROWING, Sampling, next_tokens
+from ptl_common import DEFAULT_MODEL, GROWING, Sampling, decode, next_tokens
 
 PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]
 
@@ -148,3 +148,37 @@ def test_greedy_rollouts_equal_generate_on_the_default_model():
         ref = ref[0, x["input_ids"].shape[1]:].tolist()
         ref = ref[: ref.index(tok.eos_token_id) + 1] if tok.eos_token_id in ref else ref
         assert R[2 * i] == R[2 * i + 1] == ref
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])  # qwen2, gemma2: sliding windows, no joining
+def test_refilled_slots_decode_each_row_as_it_would_decode_alone(arch):
+    """Continuous batching: 7 prompts through 3 slots, rows ending at random times (almost half the vocabulary is
+    EOS; the 25-token prompt enters after shorter ones, so both sides of a join get padded). Each row's tokens
+    equal its own batch-of-one decode; with full-attention caches no decode step runs with a slot free while
+    prompts wait."""
+    model = tiny_model(arch, layers=2)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(4, 128, (n,), generator=g) for n in (4, 3, 6, 9, 25, 7, 5)]
+    kw = dict(max_new_tokens=9, eos=set(range(3, 60)))
+    alone = [decode(model, p[None], torch.ones(1, len(p), dtype=torch.long), None, **kw)[0] for p in prompts]
+    pending, entered, seen = list(range(len(prompts))), [], []
+
+    def refill(free: int):
+        if not pending:
+            return None
+        batch = [pending.pop(0) for _ in range(min(free, len(pending)))]
+        x = torch.zeros(len(batch), max(len(prompts[i]) for i in batch), dtype=torch.long)
+        for b, i in enumerate(batch):  # left padding
+            x[b, x.shape[1] - len(prompts[i]):] = prompts[i]
+        entered.extend(batch)
+        return x, (x != 0).long(), None, None
+
+    hook = model.register_forward_pre_hook(lambda m, a, k: seen.append((k["input_ids"].shape, bool(pending))),
+                                           with_kwargs=True)
+    together = decode(model, *refill(3)[:3], refill=refill, **kw)
+    hook.remove()
+    assert entered == list(range(len(prompts)))
+    assert together == alone
+    assert max(len(r) for r in alone) > 2 * min(len(r) for r in alone), "rows must end at different times"
+    if arch == "llama":
+        assert all(shape[0] == 3 for shape, waiting in seen if waiting and shape[1] == 1)
