@@ -59,8 +59,8 @@ from tqdm import tqdm
 from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, cache_arg,
                         chat_prompt, check_ranges, cleanup_dist, count_params, decode, eos_ids, finished_rounds, flag,
                         human, is_main, last_boxed, load_config, load_model, load_record, math_equal, parse_config,
-                        print0, question_answer, read_jsonl, repeat_cache, returned_cache, run_cli, setup_dist, spread,
-                        unshadow_evaluate)
+                        print0, question_answer, read_jsonl, repeat_cache, returned_cache, run_cli, setup_dist,
+                        shares_prefix, spread, unshadow_evaluate)
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -372,36 +372,38 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
              add_bos: bool, reuse_prefix: bool = True) -> tuple[list[str], list[tuple[int, int]]]:
     """Greedy completions of `prompts`, cut at the first stop string -> (texts, (prompt, generated) lengths).
 
-    The longest token prefix that all prompts share (the few-shot examples) is run once; each group of rows starts
-    from a copy of its KV cache, so only the questions are prefilled. Prompts enter longest first, `batch_size` at
-    a time, and a finished row's slot is refilled with the next prompt (see ptl_common.decode)."""
+    The longest token prefix that all prompts share (the few-shot examples) is run once, so only the questions are
+    prefilled; rows attend to its KV cache through ptl_common.prefix_attention where the model allows, else each
+    group of rows starts from a copy of it. Prompts enter longest first, `batch_size` at a time, and a finished
+    row's slot is refilled with the next prompt (see ptl_common.decode)."""
     if not prompts:
         return [], []
     dev = next(model.parameters()).device
     ids = [encode(tok, p, add_bos) for p in prompts]
     c = common_prefix(ids) if reuse_prefix else 0
     shared = prefix_cache(model, ids[0][:c])
+    lead = 0 if shared is None or shares_prefix(model) else c  # prefix columns in each row's own cache
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     pending, entered = sorted(range(len(prompts)), key=lambda i: -len(ids[i])), []
     bar = tqdm(total=len(prompts), desc="generate", disable=not is_main(), leave=False)
 
-    def rows(free: int):  # the next `free` prompts as [shared prefix][left padding][rest of the prompt]
+    def rows(free: int):  # the next `free` prompts as [shared prefix if lead][left padding][rest of the prompt]
         if not pending:
             return None
         batch = [pending.pop(0) for _ in range(min(free, len(pending)))]
         S = max(len(ids[i]) - c for i in batch)
-        x = torch.full((len(batch), c + S), pad, dtype=torch.long)
+        x = torch.full((len(batch), lead + S), pad, dtype=torch.long)
         mask = torch.zeros_like(x)
         for b, i in enumerate(batch):
-            x[b, :c], mask[b, :c] = torch.tensor(ids[i][:c]), 1
-            x[b, c + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
-            mask[b, c + S - (len(ids[i]) - c) :] = 1
+            x[b, :lead], mask[b, :lead] = torch.tensor(ids[i][:lead], dtype=torch.long), 1
+            x[b, lead + S - (len(ids[i]) - c) :] = torch.tensor(ids[i][c:])
+            mask[b, lead + S - (len(ids[i]) - c) :] = 1
         entered.extend(batch)
         bar.update(len(batch))
-        return x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)), None
+        return x.to(dev), mask.to(dev), repeat_cache(shared, len(batch)) if lead else None, None
 
     new = decode(model, *rows(batch_size)[:3], max_new_tokens=max_new_tokens, eos=eos_ids(model, tok),
-                 stop=[s for s in stop if s], tok=tok, refill=rows)
+                 stop=[s for s in stop if s], tok=tok, refill=rows, prefix=None if lead else shared)
     bar.close()
     texts, lengths = [None] * len(prompts), [None] * len(prompts)
     for i, n in zip(entered, new):

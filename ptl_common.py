@@ -517,6 +517,61 @@ def next_tokens(logits: torch.Tensor, sampling: Sampling | None, gens: list | No
     return torch.cat([torch.multinomial(p[j], 1, generator=g) for j, g in enumerate(gens)])
 
 
+def prefix_attention(module, query, key, value, attention_mask, *, scaling: float, shared_prefix, **kwargs):
+    """Attention over a prefix that every row shares, then each row's own keys, without a copy of the prefix per
+    row: out = softmax([q K_p^T | q K^T + M] * scaling) [V_p ; V], with K_p, V_p (1, Hkv, c, D) from the one-row
+    cache `shared_prefix` (read once for the batch: the query heads of all rows in one matmul per KV head), K, V
+    (B, Hkv, T, D) the rows' own cache, and M the rows' mask (B, 1, n, T), True = attend, or None (causal).
+    query (B, H, n, D) -> output (B, n, H, D), as transformers' attention functions return it."""
+    layer = shared_prefix.layers[module.layer_idx]
+    kp, vp = layer.keys[0], layer.values[0]  # (Hkv, c, D)
+    (B, H, n, D), (Hkv, c, _), T = query.shape, kp.shape, key.shape[2]
+    g = H // Hkv  # query heads per KV head, grouped as repeat_kv groups them
+    q = query.reshape(B, Hkv, g * n, D)
+    shared = q.transpose(0, 1).reshape(Hkv, B * g * n, D)  # every row's queries of one KV head: (Hkv, B g n, D)
+    sp = (shared @ kp.transpose(1, 2)).view(Hkv, B, g * n, c).transpose(0, 1)  # (B, Hkv, g n, c)
+    so = q @ key.transpose(2, 3)  # (B, Hkv, g n, T)
+    if attention_mask is None and n > 1:
+        attention_mask = torch.ones(n, T, dtype=torch.bool, device=q.device).tril(T - n)[None, None]
+    if attention_mask is not None:
+        so = so.view(B, Hkv, g, n, T).masked_fill(~attention_mask[:, :, None], -math.inf).view(B, Hkv, g * n, T)
+    w = (torch.cat([sp, so], -1) * scaling).softmax(-1, dtype=torch.float32).to(query.dtype)
+    wp = w[..., :c].transpose(0, 1).reshape(Hkv, B * g * n, c)
+    out = (wp @ vp).view(Hkv, B, g * n, D).transpose(0, 1) + w[..., c:] @ value  # (B, Hkv, g n, D)
+    return out.reshape(B, H, n, D).transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def prefix_attention_name() -> str:
+    """Register prefix_attention with transformers (once, on first use) -> its name there."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register("ptl_shared_prefix", prefix_attention)
+    AttentionMaskInterface.register("ptl_shared_prefix", sdpa_mask)  # boolean masks, None where causal suffices
+    return "ptl_shared_prefix"
+
+
+def shares_prefix(model) -> bool:
+    """Whether decode can read a shared prefix through prefix_attention: plain softmax attention (sdpa or eager)
+    over all positions, no sliding window and no logit soft-capping (Gemma-2 has both)."""
+    cfg = model.config
+    return (cfg._attn_implementation in ("sdpa", "eager") and getattr(cfg, "attn_logit_softcapping", None) is None
+            and set(getattr(cfg, "layer_types", None) or ["full_attention"]) == {"full_attention"})
+
+
+@contextmanager
+def attention_implementation(model, name: str | None):
+    """Within the block the model's attention layers call `name` (None: leave them as they are)."""
+    before = model.config._attn_implementation
+    if name is not None:
+        model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+
+
 @dataclasses.dataclass
 class _Running:
     """Rows being decoded: their KV cache, mask (B, cached + n), next input ids and positions (B, n), the index of
@@ -529,11 +584,12 @@ class _Running:
     gens: list | None
 
 
-def _enter(x: torch.Tensor, mask: torch.Tensor, cache, gens: list | None, out: list) -> _Running:
+def _enter(x: torch.Tensor, mask: torch.Tensor, cache, gens: list | None, out: list, after: int = 0) -> _Running:
     """The rows of a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
-    cache.get_seq_length() positions; each gets an empty output list at the end of `out`."""
+    cache.get_seq_length() positions, and which follow `after` tokens of a shared prefix; each gets an empty output
+    list at the end of `out`."""
     past = cache.get_seq_length() if cache is not None else 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0)  # positions follow the real tokens, as in generate
+    pos = (mask.cumsum(1) - 1).clamp(min=0) + after  # positions follow the real tokens, as in generate
     out += [[] for _ in range(len(x))]
     return _Running(cache, mask, x[:, past:], pos[:, past:], list(range(len(out) - len(x), len(out))), gens)
 
@@ -579,11 +635,12 @@ def _trim(r: _Running) -> _Running:
     return r
 
 
-def _step(model, r: _Running, out: list, ended, *, arg: str, sampling: Sampling | None) -> _Running:
-    """One forward of the running rows: each row's next token is appended to its output; rows that `ended` leave
-    the batch and its KV cache; the rest are ready for the next token."""
+def _step(model, r: _Running, out: list, ended, *, arg: str, sampling: Sampling | None, extra: dict) -> _Running:
+    """One forward of the running rows (`arg`: the cache argument's name; `extra`: more arguments of forward): each
+    row's next token is appended to its output; rows that `ended` leave the batch and its KV cache; the rest are
+    ready for the next token."""
     res = model(input_ids=r.ids, attention_mask=r.mask, position_ids=r.pos, use_cache=True, logits_to_keep=1,
-                **{arg: r.cache})
+                **{arg: r.cache}, **extra)
     cache, nxt = growing(returned_cache(res)), next_tokens(res.logits[:, -1], sampling, r.gens)
     keep = []
     for j, i in enumerate(r.rows):
@@ -605,7 +662,7 @@ def _step(model, r: _Running, out: list, ended, *, arg: str, sampling: Sampling 
 @torch.no_grad()
 def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, eos: set[int],
            stop: list[str] = (), tok=None, sampling: Sampling | None = None, gens: list | None = None,
-           refill=None) -> list:
+           refill=None, prefix=None) -> list:
     """Decode a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
     cache.get_seq_length() positions: greedy, or sampled with one generator per row (`gens`). A row leaves the
     batch (and its KV cache) the moment it ends: a token in `eos`, a stop string in its decoded tail (lm-eval's
@@ -615,26 +672,33 @@ def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens:
     more rows as (x, mask, cache, gens) in the same form, or None when there are no more; they are prefilled and
     join the running rows, so the batch stays full instead of thinning to its longest row. Rows enter once a
     quarter of the slots are free (each join copies the cache), or only when all have ended where the cache keeps
-    a sliding window. -> the generated ids of each row in the order the rows entered, its last token included."""
+    a sliding window.
+
+    With `prefix`, a one-row KV cache of tokens that come before every row (few-shot examples; needs
+    shares_prefix(model)), each row attends to it through prefix_attention instead of a copy in its own cache.
+    -> the generated ids of each row in the order the rows entered, its last token included."""
     window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
 
     def ended(ids: list) -> bool:
         tail = tok.decode(ids[-window:]) if stop else ""
         return ids[-1] in eos or any(s in tail for s in stop) or len(ids) == max_new_tokens
 
-    step = functools.partial(_step, model, ended=ended, arg=cache_arg(model), sampling=sampling)  # arg: once
+    after, name = (prefix.get_seq_length(), prefix_attention_name()) if prefix is not None else (0, None)
+    step = functools.partial(_step, model, ended=ended, arg=cache_arg(model), sampling=sampling,
+                             extra={"shared_prefix": prefix} if prefix is not None else {})
     slots, out = len(x), []
-    run = step(_enter(x, mask, cache, gens, out), out)
-    while run.rows or refill is not None:
-        free = slots - len(run.rows)
-        if refill is not None and (not run.rows or free * 4 >= slots and joinable(run.cache)):
-            more = refill(free)
-            if more is None:
-                refill = None
-            else:
-                run = _join(run, step(_enter(*more, out), out))
-            continue
-        run = step(run, out)
+    with attention_implementation(model, name):
+        run = step(_enter(x, mask, cache, gens, out, after), out)
+        while run.rows or refill is not None:
+            free = slots - len(run.rows)
+            if refill is not None and (not run.rows or free * 4 >= slots and joinable(run.cache)):
+                more = refill(free)
+                if more is None:
+                    refill = None
+                else:
+                    run = _join(run, step(_enter(*more, out, after), out))
+                continue
+            run = step(run, out)
     return out
 
 

@@ -6,11 +6,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import grpo
-from conftest import char_tokenizer, tiny_model
-from ptl_common import DEFAULT_MODEL, GROWING, Sampling, decode, next_tokens
+
+from conftest import char_tokenizer, tiny_config, tiny_model
+from ptl_common import (DEFAULT_MODEL, GROWING, Sampling, attention_implementation, cache_arg, decode, next_tokens,
+                        prefix_attention_name, repeat_cache, returned_cache, shares_prefix)
 
 PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]
 
@@ -182,3 +185,40 @@ def test_refilled_slots_decode_each_row_as_it_would_decode_alone(arch):
     assert max(len(r) for r in alone) > 2 * min(len(r) for r in alone), "rows must end at different times"
     if arch == "llama":
         assert all(shape[0] == 3 for shape, waiting in seen if waiting and shape[1] == 1)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.sampled_from([1, 2, 4]), st.integers(1, 12), st.lists(st.integers(1, 9), min_size=1, max_size=4),
+       st.integers(0, 2**31))
+def test_attention_through_a_shared_prefix_equals_attention_over_a_copy_of_it_per_row(kv_heads, c, lengths, seed):
+    """prefix_attention (prefix read once for the batch) against transformers' own attention over the prefix
+    repeated into every row's cache: a left-padded prefill of the rows, then one decoded token, any number of
+    query heads per KV head."""
+    model, g = tiny_model("llama", layers=2, kv_heads=kv_heads), torch.Generator().manual_seed(seed)
+    B, S, arg = len(lengths), max(lengths), cache_arg(model)
+    x, mask = torch.zeros(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        x[b, S - n :], mask[b, S - n :] = torch.randint(4, 128, (n,), generator=g), 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0) + c
+    with torch.no_grad():
+        shared = returned_cache(model(input_ids=torch.randint(4, 128, (1, c), generator=g), use_cache=True))
+        ref = model(input_ids=x, attention_mask=torch.cat([torch.ones(B, c, dtype=torch.long), mask], 1),
+                    position_ids=pos, use_cache=True, **{arg: repeat_cache(shared, B)})
+        with attention_implementation(model, prefix_attention_name()):
+            got = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, shared_prefix=shared)
+            nxt, one = ref.logits[:, -1:].argmax(-1), torch.ones(B, 1, dtype=torch.long)
+            got2 = model(input_ids=nxt, attention_mask=torch.cat([mask, one], 1), position_ids=pos[:, -1:] + 1,
+                         use_cache=True, shared_prefix=shared, **{arg: returned_cache(got)})
+        ref2 = model(input_ids=nxt, attention_mask=torch.cat([torch.ones(B, c, dtype=torch.long), mask, one], 1),
+                     position_ids=pos[:, -1:] + 1, use_cache=True, **{arg: returned_cache(ref)})
+    assert model.config._attn_implementation == "eager", "the implementation must be put back"
+    torch.testing.assert_close(got.logits[mask.bool()], ref.logits[mask.bool()], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got2.logits, ref2.logits, atol=1e-5, rtol=1e-5)
+
+
+def test_only_plain_full_attention_reads_a_shared_prefix():
+    full = tiny_config("qwen2")
+    full.use_sliding_window, full.layer_types = False, ["full_attention"] * full.num_hidden_layers
+    assert shares_prefix(tiny_model("llama")) and shares_prefix(AutoModelForCausalLM.from_config(full))
+    assert not shares_prefix(tiny_model("qwen2"))  # sliding-window layers
+    assert not shares_prefix(tiny_model("gemma2"))  # sliding windows and logit soft-capping
