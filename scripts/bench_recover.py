@@ -63,6 +63,25 @@ def blocks(cfg: Config):
     return model, tok, texts, recover.pack(docs, cfg.max_length, tok.pad_token_id)
 
 
+def check_data(cfg: Config) -> None:
+    """Refuse (exit 2) a run whose data would wrap into a second epoch: the two trainers order an epoch's repeat
+    differently, so their losses would part there for a reason that has nothing to do with either trainer."""
+    import recover
+    from transformers import AutoTokenizer
+
+    from ptl_common import load_texts, resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
+    docs = [ids + [tok.eos_token_id] for ids in tok(load_texts("offline", n=cfg.samples, seed=0))["input_ids"]]
+    have = len(recover.pack(docs, cfg.max_length, tok.eos_token_id)["input_ids"])  # the pad id changes no count
+    need = cfg.steps * cfg.global_batch
+    if have < need:
+        print(f"bench_recover.py: error: --samples {cfg.samples} packs into {have} blocks of {cfg.max_length} tokens, "
+              f"fewer than the {need} that --steps {cfg.steps} x --global-batch {cfg.global_batch} train on; "
+              f"use --samples {math.ceil(cfg.samples * need / have)} or more", file=sys.stderr)
+        sys.exit(2)
+
+
 def run_ours(cfg: Config, **flags) -> dict:
     import recover
 
@@ -180,6 +199,7 @@ def main(cfg: Config) -> dict:
                      "grad-ckpt": lambda c: run_ours(c, grad_ckpt=True),
                      "ckpt-matmuls": lambda c: run_ours(c, grad_ckpt=True, ckpt_policy="matmuls"),
                      "trainer": run_trainer}[cfg.worker](cfg))
+    check_data(cfg)
     runs = run_sides(__file__, cfg, cfg.sides.split(","))
     tokens = cfg.global_batch * cfg.max_length
     # Timed steps: the first holds one-off costs (allocation, warm caches), the last runs under the profiler.
