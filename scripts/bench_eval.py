@@ -60,10 +60,16 @@ def profile(cfg: Config) -> dict:
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     ecfg = ev.Config(tasks="gsm8k", data_dir=cfg.data_dir, limit=cfg.profile, batch_size=cfg.batch_size,
                      max_new_tokens=cfg.max_new_tokens, engine="builtin", device="cpu")
+    rows = []  # (rows, tokens) of every forward: how full the decode steps keep the batch
+    hook = model.register_forward_pre_hook(lambda m, a, k: rows.append(tuple(k["input_ids"].shape)), with_kwargs=True)
     with torch_profile(activities=[ProfilerActivity.CPU]) as p:
         t0 = time.perf_counter()
         ev.evaluate_model(model, tok, ecfg)
         wall = time.perf_counter() - t0
+    hook.remove()
+    steps = [b for b, n in rows if n == 1]
+    print(f"{len(rows) - len(steps)} prefills | {len(steps)} decode steps, {sum(steps)} row-tokens: on average "
+          f"{sum(steps) / max(len(steps), 1):.1f} rows of {cfg.batch_size} slots")
     return op_shares(p, wall, {"matmuls and attention": MATMULS})
 
 
