@@ -53,27 +53,32 @@ class Config:
     worker: str = ""  # internal: the side this process runs; it prints JSON
 
 
-def blocks(cfg: Config):
+def pack_texts(tok, cfg: Config) -> tuple[list[str], dict]:
+    """(texts, blocks): cfg.samples offline texts, each ended by EOS, packed into cfg.max_length blocks."""
     import recover
-    from ptl_common import load_model, load_texts
+    from ptl_common import load_texts
 
-    model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     texts = load_texts("offline", n=cfg.samples, seed=0)
     docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
-    return model, tok, texts, recover.pack(docs, cfg.max_length, tok.pad_token_id)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # as load_model sets it
+    return texts, recover.pack(docs, cfg.max_length, pad)
+
+
+def blocks(cfg: Config):
+    from ptl_common import load_model
+
+    model, tok = load_model(cfg.model, dtype="float32", device="cpu")
+    return model, tok, *pack_texts(tok, cfg)
 
 
 def check_data(cfg: Config) -> None:
     """Refuse (exit 2) a run whose data would wrap into a second epoch: the two trainers order an epoch's repeat
     differently, so their losses would part there for a reason that has nothing to do with either trainer."""
-    import recover
     from transformers import AutoTokenizer
 
-    from ptl_common import load_texts, resolve_model
+    from ptl_common import resolve_model
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(cfg.model))
-    docs = [ids + [tok.eos_token_id] for ids in tok(load_texts("offline", n=cfg.samples, seed=0))["input_ids"]]
-    have = len(recover.pack(docs, cfg.max_length, tok.eos_token_id)["input_ids"])  # the pad id changes no count
+    have = len(pack_texts(AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg)[1]["input_ids"])
     need = cfg.steps * cfg.global_batch
     if have < need:
         print(f"bench_recover.py: error: --samples {cfg.samples} packs into {have} blocks of {cfg.max_length} tokens, "
