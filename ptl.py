@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -699,6 +700,11 @@ class Config:
         "recover.py flags for every round; --samples is texts per round: round t trains on rows (t-1)*samples .. "
         "t*samples. The default suits the default model on a CPU; the paper's: '--data AI-MO/NuminaMath-CoT,"
         "meta-math/MetaMathQA --samples 100000 --lr 8e-6 --max-length 1024'")
+    recovery_schedule: Literal["per-round", "continuous"] = flag(
+        "per-round", "per-round: each round's recovery is a run of its own (a fresh AdamW, warmup and cosine: the "
+                     "paper's and the authors' loops); continuous: one recover.py run over every round's texts, one "
+                     "window of it per round, its lr schedule spanning the loop and AdamW's moments carried across "
+                     "the cuts (sliced to what each cut keeps)")
     grpo_flags: str = flag("", "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 "
                                "--max-response-length 3000'; round t uses prompts (t-1)*samples .. t*samples (the "
                                "authors' 10 parts of math12k)")
@@ -713,6 +719,9 @@ class Config:
         "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it with PTL's "
         "total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio; "
         "slicegpt: SliceGPT's PCA rotation and slicing of the hidden size, in one round, down to --target-ratio")
+    apply_removal: str = flag("", "a finished round of another run (its directory or ptl_record.json): remove, in one "
+                                  "round, every layer and neuron that run had removed by then (dense numbering), "
+                                  "instead of scoring; e.g. to carry a plan found once to another checkpoint")
     dtype: Literal["auto", "float32", "bfloat16"] = flag("auto", "weights while scoring; auto: bf16 on CUDA, fp32 on "
                                                                  "CPU and whenever a recovery trains")
     device: str = flag("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -742,17 +751,28 @@ class Config:
             raise ValueError("nothing bounds the loop: give --rounds, --target-ratio or a sigma threshold")
         ignored = [f"--{k.replace('_', '-')}" for k in self.baseline_ignores() if getattr(self, k) != FIELDS[k].default]
         if ignored:
-            raise ValueError(f"--baseline {self.baseline} removes everything in one round: {', '.join(ignored)} "
-                             "would be ignored; drop it")
+            mode = "--apply-removal" if self.apply_removal else f"--baseline {self.baseline}"
+            raise ValueError(f"{mode} removes everything in one round: {', '.join(ignored)} would be ignored; drop it")
+        if self.recovery_schedule == "continuous" and (self.recovery != "cpt" or not (
+                self.target_ratio or self.apply_removal) or {self.sigma_neuron, self.sigma_layer} != {None}):
+            raise ValueError("--recovery-schedule continuous spans one recover.py schedule over a number of rounds "
+                             "known at the start: it needs --recovery cpt and --target-ratio, without sigma thresholds")
+        if self.apply_removal:
+            if self.baseline != "none":
+                raise ValueError(f"--apply-removal and --baseline {self.baseline} each choose what to remove: give one")
+            read_plan(self.apply_removal)  # a missing or unreadable plan now, before any model loads
         self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
         if self.eval_every_round:
             import_evaluate().parse_config_of(self.eval_flags, within="--eval-flags").task_list()
 
     def baseline_ignores(self) -> tuple:
-        """Flags that have no effect under --baseline (it removes everything at once, by its own rule)."""
+        """Flags that have no effect under --baseline or --apply-removal (they remove everything at once, by their
+        own rule)."""
         depth = ("order", "neuron_step", "layer_step", "layer_target", "neuron_rule", "layer_rule", "sigma_neuron",
                  "sigma_layer")  # ShortGPT removes only the lowest-Block-Influence layers, as many as the size needs
         width = depth + ("protect_data", "protect_samples", "calib_per_round", "taylor_variant", "released_top_n")
+        if self.apply_removal:  # the plan says what goes: nothing is scored
+            return width + ("target_ratio", "calib_data", "calib_samples", "batch_size", "protect_frac")
         return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth, "slicegpt": width}[self.baseline]
 
     def flags_for(self, kind: str):
@@ -874,7 +894,9 @@ def resume_or_start(cfg: Config, d) -> tuple:
     L, I = model.config.num_hidden_layers, model.config.intermediate_size
     if cfg.layer_target >= L:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
-    if cfg.baseline == "shortgpt":
+    if cfg.apply_removal:
+        left = plan_left(read_plan(cfg.apply_removal), L, I)
+    elif cfg.baseline == "shortgpt":
         left = {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
     elif cfg.baseline == "slicegpt":  # the hidden size to slice off, in one round
         check_sliceable(model)
@@ -922,26 +944,32 @@ def score_summary(s_neu: torch.Tensor, s_lay: torch.Tensor, k: int) -> dict:
             "layer": s_lay.tolist()}
 
 
-def recover_round(model, tok, cfg: Config, t: int, work: Path):
+def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, moments: dict | None):
     """Algorithm 1 lines 9-10: continual pre-training (recover.py) and/or GRPO (grpo.py) of the just-pruned
     model, in that order, each on round t's own slice of its data (the paper partitions its corpora so that
-    no round repeats data). -> (model, {"cpt": summary, "grpo": summary})"""
+    no round repeats data). --recovery-schedule continuous: round t trains window t/rounds of one recover.py run
+    over every round's texts, AdamW starting from `moments`. -> (model, {"cpt": summary, "grpo": summary}, AdamW's
+    moments at the end when continuous, else None)"""
     import grpo
 
     summaries = {}
     for kind in cfg.recovery.split("+"):
         module = {"cpt": recover, "grpo": grpo}[kind]
         rc = cfg.flags_for(kind)
-        rc = replace(rc, out=str(work / kind), data_offset=(t - 1) * rc.samples, device=cfg.device)
+        if cfg.recovery_schedule == "continuous":
+            rc = replace(rc, samples=rounds * rc.samples, max_steps=rounds * rc.max_steps, window=f"{t}/{rounds}")
+        else:
+            rc = replace(rc, data_offset=(t - 1) * rc.samples)
+        rc = replace(rc, out=str(work / kind), device=cfg.device)
         if kind == "cpt":
             data = load_texts(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset)
         else:
             data = [grpo.question_answer(r, w) for w, r in
                     load_rows(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset, check=grpo.question_answer)]
-        result = module.train(model, tok, data, rc)
-        model = result.pop("model")
+        result = module.train(model, tok, data, rc, **({"moments": moments} if rc.window else {}))
+        model, carried = result.pop("model"), result.pop("moments", None)
         summaries[kind] = {"data": rc.data, "rows": [rc.data_offset, rc.data_offset + rc.samples], **result}
-    return model, summaries
+    return model, summaries, carried if cfg.recovery_schedule == "continuous" else None
 
 
 def evaluate_round(model, tok, cfg: Config) -> dict:
@@ -999,6 +1027,79 @@ def apply_removal(model, kind: str, what, state: dict) -> dict:
     return rec
 
 
+def read_plan(path: str) -> dict:
+    """The ptl_record.json of a finished round (or its directory): what its run had kept, in dense numbering."""
+    f = Path(path) / "ptl_record.json" if Path(path).is_dir() else Path(path)
+    try:
+        rec = json.loads(f.read_text())
+        return {k: rec[k] for k in ("dense", "kept_layers", "kept_neurons")}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--apply-removal {path}: not a finished round's ptl_record.json ({e})") from None
+
+
+def plan_left(plan: dict, L: int, I: int) -> dict:
+    """What a plan removes from a model of L layers x I neurons: {"neurons": per layer, "layers": count}."""
+    dense = plan["dense"]
+    if (dense["num_hidden_layers"], dense["intermediate_size"]) != (L, I):
+        raise ValueError(f"--apply-removal: the plan was made on {dense['num_hidden_layers']} layers x "
+                         f"{dense['intermediate_size']} neurons, this model has {L} x {I}")
+    left = {"neurons": I - len(plan["kept_neurons"][0]), "layers": L - len(plan["kept_layers"])}
+    if not any(left.values()):
+        raise ValueError("--apply-removal: the plan removes nothing")
+    return left
+
+
+def apply_plan(model, plan: dict, state: dict) -> dict:
+    """Remove, in one round, every neuron and layer that `plan` does not keep (dense numbering; neurons first, as
+    in prune_round; a layer that goes anyway gives up its last neurons). -> the round's record."""
+    keep = dict(zip(plan["kept_layers"], plan["kept_neurons"]))
+    k, rec = state["left"]["neurons"], None
+    if k:
+        what = [torch.tensor([j for j, x in enumerate(kn) if x not in set(keep[o])] if o in keep else
+                             range(len(kn) - k, len(kn))) for o, kn in zip(state["kept_layers"], state["kept_neurons"])]
+        rec = apply_removal(model, "neurons", what, state)
+    if state["left"]["layers"]:
+        r = apply_removal(model, "layers", [i for i, o in enumerate(state["kept_layers"]) if o not in keep], state)
+        rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
+    return rec
+
+
+def rounds_left(cfg: Config, left: dict, dense_width: int) -> int:
+    """How many more rounds the loop will run, from what is left to remove (a target, no sigma thresholds)."""
+    if cfg.baseline != "none" or cfg.apply_removal:
+        return int(any(left.values()))
+    step = max(1, round(cfg.neuron_step * dense_width))
+    return len(neuron_schedule(left["neurons"] or 0, step)) + math.ceil((left["layers"] or 0) / cfg.layer_step)
+
+
+@torch.no_grad()
+def carry_moments(moments: dict, model, before: dict, after: dict) -> dict:
+    """AdamW's moments after a cut, for the cut model: a kept layer's renumbered, a kept neuron's rows of gate/up
+    (and columns of down) kept, a removed unit's gone. moments: {parameter name before the cut: {"step",
+    "exp_avg", "exp_avg_sq"}}; before, after: the loop state's kept_layers and kept_neurons (dense numbering)."""
+    layers = decoder_layers(model)
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    rel = {id(m): n for n, m in layers[0].named_modules()}
+    dims = {f"{rel[id(lin)]}.{p}": dim for lin, dim in zip(ffn(layers[0]), (0, 0, 1))
+            for p in (("weight", "bias") if dim == 0 else ("weight",))}  # down's bias is per hidden unit: kept
+    index = {o: j for j, o in enumerate(after["kept_layers"])}
+    out = {}
+    for name, st in moments.items():
+        if not name.startswith(prefix + "."):
+            out[name] = st
+            continue
+        i, rest = name[len(prefix) + 1:].split(".", 1)
+        j = index.get(before["kept_layers"][int(i)])
+        if j is None:  # the layer was removed
+            continue
+        if rest in dims:
+            pos = {o: p for p, o in enumerate(before["kept_neurons"][int(i)])}
+            idx = torch.tensor([pos[o] for o in after["kept_neurons"][j]])
+            st = {k: v if v.dim() == 0 else v.index_select(dims[rest], idx) for k, v in st.items()}
+        out[f"{prefix}.{j}.{rest}"] = st
+    return out
+
+
 def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict) -> dict | None:
     """Algorithm 1 line 7: remove what this round's scores mark (neurons, layers, or with a baseline both at
     once) from the model and the state; the round's record, or None when nothing is redundant any more."""
@@ -1013,10 +1114,13 @@ def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg:
     return rec
 
 
-def cut(model, kind: str, calib_protect: tuple, rcfg: Config, state: dict, t: int) -> tuple[dict | None, dict]:
+def cut(model, kind: str, calib_protect, rcfg: Config, state: dict, t: int) -> tuple[dict | None, dict]:
     """Algorithm 1 lines 4-7 (or a baseline's one cut): score, and remove what the scores mark. -> (the round's record
-    with its score summary, or None when nothing is redundant any more; the tensors for scores.safetensors)"""
-    calib, protect = calib_protect
+    with its score summary, or None when nothing is redundant any more; the tensors for scores.safetensors).
+    calib_protect() -> (calibration batches, --protect-data batches or None), read only when scoring."""
+    if rcfg.apply_removal:  # a plan from a file: nothing is scored
+        return apply_plan(model, read_plan(rcfg.apply_removal), state), {}
+    calib, protect = calib_protect()
     if state["left"].get("width"):  # SliceGPT: the PCA spectra are its scores
         w = model.config.hidden_size - state["left"]["width"]
         spectra = slice_model(model, calib, w)
@@ -1084,30 +1188,37 @@ def main(cfg: Config) -> dict:
     model, tok, state = resume_or_start(cfg, d)
     calibration = calibration_texts(cfg, tok, d)
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
-    records, order, rcfg = [], cfg.order, cfg
+    records, order, rcfg = [], "once" if cfg.apply_removal else cfg.order, cfg
+    moments = recover.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
     if cfg.baseline != "none":  # one round takes all that is left; ShortGPT ranks layers by Block Influence
         order = "once"  # rcfg is the round's rule, not user flags: as baseline "none" it is not refused as such
         rcfg = replace(cfg, baseline="none", neuron_step=1.0, layer_step=10**9,
                        layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
     while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
         t, t0, before = state["round"] + 1, time.time(), count_params(model)
-        rec, tensors = cut(model, kind, calibration(t), rcfg, state, t)
+        kept = copy.deepcopy({k: state[k] for k in ("kept_layers", "kept_neurons")})
+        rec, tensors = cut(model, kind, functools.partial(calibration, t), rcfg, state, t)
         if rec is None:
             continue
+        if moments is not None:  # continuous schedule: AdamW goes on with what the cut kept
+            moments = carry_moments(moments, model, kept, state)
         state["round"] = t
         work = out / f".recovery_round_{t}"  # resumable recovery state; removed once the round is saved
         if cfg.eval_every_round and cfg.recovery != "none":
             rec["eval_pruned"] = evaluate_round(model, tok, cfg)  # the damage, before recovery repairs it
         if cfg.recovery != "none":
-            model, rec["recovery"] = recover_round(model, tok, cfg, t, work)  # lines 9-10
+            rounds = t + rounds_left(cfg, state["left"], state["dense"]["intermediate_size"])
+            model, rec["recovery"], moments = recover_round(model, tok, cfg, t, work, rounds, moments)  # lines 9-10
         if cfg.eval_every_round:
             rec["eval"] = evaluate_round(model, tok, cfg)
         rec["calibration"] = {"data": cfg.calib_data, "rows": calibration.rows(t)}
-        rec.update(copy.deepcopy(state), kind=cfg.baseline if kind == "once" else kind, params_before=before,
+        once = "plan" if cfg.apply_removal else cfg.baseline  # the one-round kinds
+        rec.update(copy.deepcopy(state), kind=once if kind == "once" else kind, params_before=before,
                    params_after=count_params(model), layer_rule=rcfg.layer_rule, time_s=time.time() - t0,
                    config=asdict(cfg))
         save_checkpoint(out / f"round_{t}", model, tok, json_files={"ptl_record.json": rec},
-                        tensors={"scores.safetensors": tensors},
+                        tensors={"scores.safetensors": tensors,
+                                 **({"moments.safetensors": recover.flat_moments(moments)} if moments else {})},
                         copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
         if d.main:
             shutil.rmtree(work, ignore_errors=True)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
+from safetensors.torch import load_file, save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
@@ -69,6 +70,22 @@ def cosine_lr(step: int, total: int, warmup: int, peak: float) -> float:
     if step < warmup:
         return peak * (step + 1) / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def window_steps(window: str, total: int) -> tuple[int, int]:
+    """Steps [first, stop) of window 't/T' of a run of `total` steps: floor((t - 1) total / T) .. floor(t total / T);
+    '' is the whole run."""
+    if not window:
+        return 0, total
+    try:
+        t, T = (int(x) for x in window.split("/"))
+    except ValueError:
+        raise ValueError(f"--window {window!r}: give t/T, e.g. 2/5") from None
+    if not 1 <= t <= T:
+        raise ValueError(f"--window {window}: need 1 <= t <= T")
+    if T > total:
+        raise ValueError(f"--window {window}: the run has {total} steps, fewer than {T} windows")
+    return (t - 1) * total // T, t * total // T
 
 
 def step_blocks(step: int, n: int, g: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,6 +286,9 @@ class Config:
     max_grad_norm: float = flag(1.0, "gradient clipping by global norm")
     epochs: int = flag(1, "passes over the data (paper: 1)")
     max_steps: int = flag(0, "optimizer steps (0: epochs over the data)")
+    window: str = flag("", "'t/T': train only the t-th of T equal windows of this run's steps (its data, lr schedule "
+                           "and warmup stay those of the whole run) and write the AdamW moments to OUT/moments"
+                           ".safetensors for the next window (ptl.py --recovery-schedule continuous)")
     grad_ckpt: bool = flag(False, "non-reentrant gradient checkpointing")
     ckpt_policy: Literal["full", "matmuls"] = flag("full", "with --grad-ckpt: full recomputes each decoder layer "
                                                    "in backward; matmuls keeps the matmul and attention outputs and "
@@ -293,6 +313,10 @@ class Config:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
         if self.keep_every < 0 or self.save_every < 0:
             raise ValueError("need --keep-every >= 0 and --save-every >= 0")
+        if self.window:
+            window_steps(self.window, 10**9)  # refuses a malformed window now
+            if self.fsdp:
+                raise ValueError("--window carries the whole AdamW state on; --fsdp shards it: drop --fsdp")
         if self.ckpt_policy != "full" and not self.grad_ckpt:
             raise ValueError(f"--ckpt-policy {self.ckpt_policy} chooses what --grad-ckpt recomputes; add --grad-ckpt")
 
@@ -317,17 +341,20 @@ def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
     return data, {"blocks": N, "tokens": int(data["attention_mask"].sum()), "config": asdict(cfg)}
 
 
-def train(model, tok, texts: list[str], cfg: Config) -> dict:
+def train(model, tok, texts: list[str], cfg: Config, moments: dict | None = None) -> dict:
     """Continual pre-training of `model` on `texts`; the final weights go to cfg.out as an HF checkpoint.
 
-    Call on every rank with the same texts. Returns {"model": the trained model, unwrapped ("model" is a fresh
-    copy loaded from cfg.out after --fsdp), "steps", "tokens", "loss", "time_s"}. Resumes from cfg.out."""
+    Call on every rank with the same texts. With a window (--start-step/--stop-step) it trains only those steps of
+    the run, starting AdamW from `moments` ({parameter name: its state}; None: fresh). Returns {"model": the trained
+    model, unwrapped ("model" is a fresh copy loaded from cfg.out after --fsdp), "steps", "tokens", "loss",
+    "time_s", "moments": AdamW's state at the end}. Resumes from cfg.out."""
     d, out = setup_dist(cfg.device), Path(cfg.out)
     data, fingerprint = packed(tok, texts, cfg, d.world)
-    if (done := finished(out, fingerprint)) is not None:
-        return {**done, "model": reload(model, out, d)}
     N, G, M, W = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch, d.world
-    total = cfg.max_steps or cfg.epochs * math.ceil(N / G)
+    total = cfg.max_steps or cfg.epochs * math.ceil(N / G)  # the whole run's steps: the lr schedule spans them
+    first, stop = window_steps(cfg.window, total)
+    if (done := finished(out, fingerprint)) is not None:
+        return {**done, "model": reload(model, out, d), "moments": load_moments(out / "moments.safetensors")}
     warmup = math.ceil(cfg.warmup_ratio * total)
     model.train()
     if cfg.grad_ckpt:  # before wrapping, non-reentrant: works with DDP's no_sync and FSDP2
@@ -337,21 +364,23 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
     net = wrap(model, d, fsdp=cfg.fsdp)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=True)  # one kernel for all parameters: 5x faster than foreach on CPU
-    start, elapsed = resume(out, net, opt, fingerprint)
+    set_moments(model, opt, moments or {})
+    start, elapsed = resume(out, net, opt, fingerprint)  # a checkpoint's state replaces the carried moments
+    start = max(start, first)
     autocast = autocast_for(cfg.precision, d.device)
-    bar = tqdm(total=total, initial=start, desc="recover", disable=not d.main, leave=False)
+    bar = tqdm(total=stop, initial=start, desc="recover", disable=not d.main, leave=False)
 
     def trained_tokens(step: int) -> int:  # real tokens of the blocks that step trains on
         idx, live = step_blocks(step, N, G, cfg.seed)
         return int(data["attention_mask"][idx[live]].sum())
 
     t_start, loss = time.time() - elapsed, float("nan")
-    tokens = sum(trained_tokens(s) for s in range(start))  # trained before a resume
-    for step in range(start, total):
+    tokens = sum(trained_tokens(s) for s in range(first, start))  # trained before a resume
+    for step in range(start, stop):
         t0, lr = time.perf_counter(), cosine_lr(step, total, warmup, cfg.lr)
         try:
             loss, gnorm = train_step(net, opt, data, *step_blocks(step, N, G, cfg.seed), lr=lr, cfg=cfg, d=d,
-                                 autocast=autocast)
+                                     autocast=autocast)
         except FloatingPointError as e:
             raise FloatingPointError(f"{e} at step {step + 1}; stopping before the update. The last good checkpoint "
                                      f"(if any) is in {out / 'checkpoints'}; try a lower --lr.") from None
@@ -364,19 +393,24 @@ def train(model, tok, texts: list[str], cfg: Config) -> dict:
             bar.update(1)
             bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s "
                       f"{row['tokens_per_s']:.0f}")
-        if cfg.keep_every and (step + 1) % cfg.keep_every == 0 and step + 1 < total:
+        if cfg.keep_every and (step + 1) % cfg.keep_every == 0 and step + 1 < stop:
             save_weights(out / f"step_{step + 1}", model, net, tok)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
             save_state(out / "checkpoints" / f"step_{step + 1}", net, opt, step + 1,
                        {**fingerprint, "elapsed": time.time() - t_start})
     bar.close()
-    summary = {"steps": total, "tokens": tokens, "loss": loss, "time_s": time.time() - t_start, "blocks": N,
-               "global_batch": G, "accum": G // (M * W), "world": W, "resumed_at": start, "fingerprint": fingerprint}
+    summary = {"steps": stop - first, "tokens": tokens, "loss": loss, "time_s": time.time() - t_start, "blocks": N,
+               "global_batch": G, "accum": G // (M * W), "world": W, "resumed_at": start, "window": [first, stop],
+               "schedule_steps": total, "fingerprint": fingerprint}
+    carried = moments_of(model, opt)
+    if cfg.window and d.main:  # before save_final's summary marks the run done
+        out.mkdir(parents=True, exist_ok=True)
+        save_moments(out / "moments.safetensors", carried)
     save_final(out, model, net, tok, summary)
     if cfg.grad_ckpt:
         checkpointing(model, False)
     sharded = cfg.fsdp and W > 1
-    return {**summary, "model": reload(model, out, d) if sharded else model.eval()}
+    return {**summary, "model": reload(model, out, d) if sharded else model.eval(), "moments": carried}
 
 
 def train_step(net, opt, data: dict, idx: torch.Tensor, live: torch.Tensor, *, lr: float, cfg: Config, d: Dist,
@@ -464,6 +498,42 @@ def resume(out: Path, net, opt, fingerprint: dict, resumable: set = RESUMABLE) -
     return meta["step"], meta["elapsed"]
 
 
+def moments_of(model, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """AdamW's state by parameter name: {name: {"step", "exp_avg", "exp_avg_sq"}}, copies (CPU)."""
+    return {n: {k: v.detach().cpu().clone() for k, v in opt.state[p].items()}
+            for n, p in model.named_parameters() if p in opt.state}
+
+
+def set_moments(model, opt, moments: dict) -> None:
+    """Start AdamW from `moments` (moments_of's form; parameters not named start fresh)."""
+    for n, p in model.named_parameters():
+        if n in moments:
+            opt.state[p] = {k: v.to(p.device).clone() for k, v in moments[n].items()}
+
+
+def flat_moments(moments: dict) -> dict[str, torch.Tensor]:
+    """moments_of's dict as flat tensors for safetensors: NAME::step, NAME::exp_avg, NAME::exp_avg_sq."""
+    return {f"{n}::{k}": v.contiguous() for n, st in moments.items() for k, v in st.items()}
+
+
+def save_moments(path: Path, moments: dict) -> None:
+    """moments_of's dict as one safetensors file, written to a temporary file, then renamed."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(flat_moments(moments), str(tmp))
+    os.replace(tmp, path)
+
+
+def load_moments(path: Path) -> dict | None:
+    """A save_moments (or flat_moments) file as moments_of's dict; None when there is none."""
+    if not path.exists():
+        return None
+    moments: dict = {}
+    for key, v in load_file(str(path)).items():
+        name, k = key.rsplit("::", 1)
+        moments.setdefault(name, {})[k] = v
+    return moments
+
+
 def autocast_for(precision: str, device: torch.device):
     """The autocast context of --precision: bf16 matmuls under fp32 master weights, or plain fp32."""
     if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
@@ -513,7 +583,7 @@ def main(cfg: Config) -> dict:
     texts = load_texts(cfg.data, n=cfg.samples, seed=cfg.seed, offset=cfg.data_offset)
     result = train(model, tok, texts, cfg)
     cleanup_dist()
-    return {k: v for k, v in result.items() if k != "model"}
+    return {k: v for k, v in result.items() if k not in ("model", "moments")}
 
 
 if __name__ == "__main__":

@@ -39,6 +39,20 @@ curve were measured first, to size the rest):
    ShortGPT (`--baseline shortgpt`: whole layers by Block Influence, the same --target-ratio). Each is compared
    with PTL, paired by seed and problem, like Prune-Once.
 
+8. Without the confounds (issue 23; fixed before any of its models was evaluated). (a) Seeds 1-5 for PTL and
+   Prune-Once at both sizes, and the seed as the unit of every interval (scripts/gradual_stats.py). (b) A second
+   PTL schedule, ptlc (`--recovery-schedule continuous`): one recover.py run over the same --budget texts as
+   Prune-Once's (the same texts, blocks, order and warmup + cosine), cut into one window per round, AdamW's
+   moments carried across the cuts; per-round PTL (ptl) restarts AdamW and the schedule every round, as the
+   paper's loop does. (c) The decomposition at --decompose-size, every seed: sel = continuous PTL's final units
+   (its last round's kept layers and neurons), cut from the dense model at once with `--apply-removal` and
+   recovered exactly like Prune-Once; nor = PTL's rounds with no recovery between them, their final units cut
+   at once and recovered like Prune-Once. Once -> sel changes only which units go; sel -> ptlc only when they
+   go (training between cuts, everything else equal); ptlc -> ptl only the per-round restarts. Every cell
+   records its removed units (dense numbering) in its results. (d) The regime (45%, seeds 1-2, the schedule with
+   the higher mean accuracy at 45% in (a)-(b)): 4x the budget (2,240 texts), and neuron steps 0.2 / 0.1 / 0.05
+   at one budget divisible by their round counts with Prune-Once at that budget; not yet a cell of this driver.
+
 Every cell is a plain recover.py / ptl.py / evaluate.py command; --jobs of them run at once, the CPU cores split
 between them. A cell leaves OUT/<cell>/ (its final model, for other benchmarks later: the last round_<T>/ of a
 ptl.py run; earlier rounds keep their records, not their weights) and RESULTS/<cell>.json (each problem's
@@ -82,13 +96,16 @@ class Config:
     layer_target: int = flag(2, "layers removed at every size, after the neurons")
     neuron_step: float = flag(0.1, "PTL's neurons per round, a fraction of the width")
     budget: int = flag(560, "recovery texts per compressed model, over all its rounds")
-    seeds: str = flag("1,2,3", "seeds of the comparison at --budget")
+    seeds: str = flag("1,2,3,4,5", "seeds of the comparison at --budget")
     curve_size: float = flag(0.45, "the size of the recovery-budget curve")
     curve_budgets: str = flag("140,280", "further budgets at --curve-size")
     curve_seeds: str = flag("1", "seeds of the further budgets, and of PTL without recovery (Prune-Once without: "
                                  "every seed)")
     baselines: str = flag("slicegpt,taylor,shortgpt", "one-cut baselines at --baseline-size, every seed, --budget")
     baseline_size: float = flag(0.30, "the size of the other baselines (one of --sizes)")
+    baseline_seeds: str = flag("1,2,3", "seeds of the other baselines")
+    decompose_size: float = flag(0.30, "the size of the decomposition: PTL's units cut once (sel), PTL's rounds "
+                                       "without recovery then one recovery (nor)")
     recovery_lr: float = flag(1e-4, "peak lr of every recovery run")
     recovery_batch: int = flag(4, "blocks per recovery step")
     micro_batch: int = flag(4, "blocks per forward pass, in every training")
@@ -100,7 +117,8 @@ class Config:
     eval_batch: int = flag(250, "questions per generate batch")
     eval_dtype: str = flag("bfloat16", "evaluate.py --dtype")
     jobs: int = flag(2, "cells run at once (the CPU cores are split between them)")
-    cell: str = flag("", "run only this cell (after the dense model it starts from)")
+    cell: str = flag("", "run only these cells, comma-separated (after the dense model and the cells they start "
+                         "from)")
     in_process: bool = flag(False, "run every command inside this process, one at a time (the tiny-model test)")
     print: bool = flag(False, "print the commands instead of running them")
 
@@ -112,8 +130,10 @@ class Config:
         unknown = set(self.baseline_list()) - (set(ONE_CUT) - {"once"})  # Prune-Once always runs
         if unknown:
             raise ValueError(f"--baselines: unknown {sorted(unknown)}; choose from {', '.join(list(ONE_CUT)[1:])}")
-        if self.baseline_list() and self.baseline_size not in self.size_list():
-            raise ValueError(f"--baseline-size {self.baseline_size} must be one of --sizes {self.sizes}")
+        for name in ("baseline_size", "decompose_size"):
+            if getattr(self, name) not in self.size_list():
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be one of --sizes "
+                                 f"{self.sizes}")
 
     def size_list(self) -> list[float]:
         return [float(x) for x in self.sizes.split(",") if x]
@@ -125,16 +145,20 @@ class Config:
         return [x for x in self.baselines.split(",") if x]
 
     def plan(self, size: float) -> list[tuple[int, int, str]]:
-        """(budget, seed, method) of every compressed model at `size`: both methods at --budget with every seed;
-        Prune-Once without recovery with every seed; at --curve-size, PTL without recovery and both methods at
-        --curve-budgets with --curve-seeds."""
+        """(budget, seed, method) of every compressed model at `size`: PTL with each recovery schedule (ptl:
+        per-round, ptlc: continuous) and Prune-Once at --budget, and Prune-Once without recovery, with every seed;
+        at --curve-size, PTL without recovery and PTL and Prune-Once at --curve-budgets with --curve-seeds; at
+        --baseline-size the other one-cut baselines; at --decompose-size, sel and nor with every seed."""
         seeds, few = self.seed_list(), [int(x) for x in self.curve_seeds.split(",") if x]
-        todo = [(self.budget, s, m) for s in seeds for m in ("ptl", "once")] + [(0, s, "once") for s in seeds]
+        todo = [(self.budget, s, m) for s in seeds for m in ("ptl", "ptlc", "once")] + [(0, s, "once") for s in seeds]
         if size == self.curve_size:
             todo += [(0, s, "ptl") for s in few]
             todo += [(int(b), s, m) for b in self.curve_budgets.split(",") if b for s in few for m in ("ptl", "once")]
         if size == self.baseline_size:
-            todo += [(self.budget, s, m) for s in seeds for m in self.baseline_list()]
+            todo += [(self.budget, int(s), m) for s in self.baseline_seeds.split(",") if s
+                     for m in self.baseline_list()]
+        if size == self.decompose_size:
+            todo += [(self.budget, s, m) for s in seeds for m in ("sel", "nor")]
         return todo
 
 
@@ -144,7 +168,9 @@ ONE_CUT = {"once": ["--baseline", "prune-once"], "taylor": ["--baseline", "prune
            "slicegpt": ["--baseline", "slicegpt"], "shortgpt": ["--baseline", "shortgpt"]}
 
 # Settings that do not change what a cell computes: how and where the driver runs.
-NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print", "baselines"}  # baselines: which cells, not how
+# Which cells run, not how each is made:
+NOT_SETTINGS = {"out", "results", "jobs", "cell", "in_process", "print", "baselines", "seeds", "baseline_seeds",
+                "decompose_size"}
 
 
 class Cell(NamedTuple):
@@ -155,6 +181,7 @@ class Cell(NamedTuple):
     seed: int
     train: list[list[str]]  # commands that make the model (none for a snapshot)
     model: Path  # the model that is evaluated: a checkpoint directory, or a ptl.py run's last round
+    needs: str = ""  # the cell whose final model this one's commands read (sel: its plan), run first
 
 
 def shape(cfg: Config, size: float) -> tuple[float, int]:
@@ -191,17 +218,34 @@ def model_cells(cfg: Config) -> list[Cell]:
                 raise ValueError(f"{budget} recovery texts do not split evenly over PTL's {rounds} rounds at size "
                                  f"{size}: make --budget and --curve-budgets multiples of {rounds}")
             name = f"{method}-{round(100 * size)}-b{budget}-s{seed}"
-            cmd = [PY, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(out / name), "--target-ratio",
-                   str(ratio), "--calib-samples", str(cfg.calib_samples), "--max-length", str(cfg.max_length),
-                   "--seed", str(seed), *ONE_CUT.get(method, [])]
-            if method in ("ptl", "once", "taylor"):  # the shape of PTL's final model
-                cmd += ["--layer-target", str(cfg.layer_target), "--neuron-step", str(cfg.neuron_step)]
-            if budget:  # PTL: budget / rounds texts after each round; Prune-Once: all of them at once
-                texts = budget // rounds if method == "ptl" else budget
-                cmd += ["--recovery", "cpt", "--cpt-flags", shlex.join(
+
+            def recovery(texts: int) -> list[str]:  # PTL: budget / rounds texts after each round; one cut: all
+                return ["--recovery", "cpt", "--cpt-flags", shlex.join(
                     ["--data", "offline", "--samples", str(texts), "--seed", str(100 + seed), "--lr",
-                     str(cfg.recovery_lr), "--global-batch", str(cfg.recovery_batch), *train])]
-            todo.append(Cell(name, method, size, budget, seed, [cmd], out / name))
+                     str(cfg.recovery_lr), "--global-batch", str(cfg.recovery_batch), *train])] if budget else []
+
+            def ptl(to: Path, *flags: str) -> list[str]:
+                return [PY, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(to), "--target-ratio",
+                        str(ratio), "--calib-samples", str(cfg.calib_samples), "--max-length", str(cfg.max_length),
+                        "--seed", str(seed), *flags]
+
+            def plan(of: Path) -> list[str]:  # of's final removal, cut from the dense model at once, recovered once
+                return [PY, str(ROOT / "ptl.py"), "--model", str(out / "dense"), "--out", str(out / name),
+                        "--apply-removal", str(of / f"round_{rounds}"), *recovery(budget)]
+
+            shape_flags = ["--layer-target", str(cfg.layer_target), "--neuron-step", str(cfg.neuron_step)]
+            needs, schedule = "", ["--recovery-schedule", "continuous"] if method == "ptlc" else []
+            if method in ("ptl", "ptlc"):
+                cmds = [ptl(out / name, *shape_flags, *schedule, *recovery(budget // rounds))]
+            elif method == "sel":  # the units that continuous PTL of this seed removed
+                needs = name.replace("sel", "ptlc", 1)
+                cmds = [plan(out / needs)]
+            elif method == "nor":  # PTL's rounds with no recovery between them, then one recovery
+                cmds = [ptl(out / f"{name}-rounds", *shape_flags), plan(out / f"{name}-rounds")]
+            else:  # the one-cut methods; Prune-Once and the Taylor criterion take PTL's final shape
+                cmds = [ptl(out / name, *ONE_CUT[method], *(shape_flags if method in ("once", "taylor") else []),
+                            *recovery(budget))]
+            todo.append(Cell(name, method, size, budget, seed, cmds, out / name, needs))
     return todo
 
 
@@ -268,8 +312,10 @@ def run_cell(cell: Cell, cfg: Config, threads: int) -> dict:
     result = distil(cell, cfg, model, json.loads((evals / f"{cell.name}.json").read_text()), t1 - t0, time.time() - t1)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, result)
-    for t in finished_rounds(cell.model)[:-1]:  # only the final model keeps its weights (disk)
-        (cell.model / f"round_{t}" / "model.safetensors").unlink(missing_ok=True)
+    for run in {Path(cmd[cmd.index("--out") + 1]) for cmd in cell.train if "ptl.py" in cmd[1]}:
+        for t in finished_rounds(run)[:-1]:  # only a run's final round keeps its weights and moments (disk)
+            for f in ("model.safetensors", "moments.safetensors"):
+                (run / f"round_{t}" / f).unlink(missing_ok=True)
     return result
 
 
@@ -309,18 +355,32 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
             "problems": [hashlib.sha1(s["question"].encode()).hexdigest()[:10] for s in r["samples"]],
             "correct": [int(s["correct"] is True) for s in r["samples"]],
             "gold_logprobs": [round(s["gold_logprob"], 5) for s in r["samples"]],
-            "pred": [s["pred"] for s in r["samples"]]}
+            "pred": [s["pred"] for s in r["samples"]], **removed_units(recs[-1] if recs else None)}
+
+
+def removed_units(rec: dict | None) -> dict:
+    """What a compressed model lacks, in the dense model's numbering, from its final round's record:
+    {"removed_layers": [...], "removed_neurons": {layer: [...]} for every layer it kept}; {} for a dense model."""
+    if rec is None:
+        return {}
+    L, I = rec["dense"]["num_hidden_layers"], rec["dense"]["intermediate_size"]
+    return {"removed_layers": sorted(set(range(L)) - set(rec["kept_layers"])),
+            "removed_neurons": {str(o): sorted(set(range(I)) - set(kn))
+                                for o, kn in zip(rec["kept_layers"], rec["kept_neurons"])}}
 
 
 # ----------------------------------------------------------------------------- the experiment
 
 
 def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
-    """The dense model alone on every core; then the other cells, --jobs at a time, the longest first."""
+    """The dense model alone on every core; then the other cells, --jobs at a time, the longest first and a cell
+    that reads another's model after it (it waits for it: that one was handed out earlier, so is running or done)."""
     cores, done, total = os.cpu_count() or 1, {}, [len(todo)]
-    started = time.time()
+    started, futures = time.time(), {}
 
     def one(cell: Cell, threads: int) -> None:
+        if cell.needs in futures:
+            futures[cell.needs].result()
         t0 = time.time()
         done[cell.name] = run_cell(cell, cfg, threads)
         r = done[cell.name]
@@ -331,12 +391,14 @@ def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
     rest = [c for c in todo if c.name != "dense"]
     if len(rest) < len(todo):
         one(todo[0], cores)
-    rest += [c for c in snapshot_cells(cfg) if not cfg.cell or c.name == cfg.cell]
+    rest += [c for c in snapshot_cells(cfg) if not cfg.cell or c.name in cfg.cell.split(",")]
     total[0] = len(done) + len(rest)
-    rest.sort(key=lambda c: (-c.budget * (2 if c.method == "ptl" else 1), c.method == "dense", c.name))
+    rest.sort(key=lambda c: (bool(c.needs), -c.budget * (2 if c.method in ("ptl", "ptlc") else 1), c.method == "dense",
+                             c.name))
     with ThreadPoolExecutor(1 if cfg.in_process else max(1, min(cfg.jobs, len(rest)))) as pool:
-        futures = [pool.submit(one, c, max(1, cores // cfg.jobs)) for c in rest]
-        for f in futures:
+        for c in rest:
+            futures[c.name] = pool.submit(one, c, max(1, cores // cfg.jobs))
+        for f in list(futures.values()):
             try:
                 f.result()
             except BaseException:
@@ -348,10 +410,13 @@ def run_all(cfg: Config, todo: list[Cell]) -> dict[str, dict]:
 def main(cfg: Config) -> dict:
     todo = model_cells(cfg)
     if cfg.cell:
-        names = [c.name for c in todo] + ["dense-step0", "dense-stepN"]
-        if not any(c.name == cfg.cell for c in todo) and not cfg.cell.startswith("dense-step"):
-            raise ValueError(f"--cell {cfg.cell}: no such cell; the cells are {', '.join(names)}")
-        todo = [c for c in todo if c.name in ("dense", cfg.cell)]
+        names, wanted = [c.name for c in todo], cfg.cell.split(",")
+        unknown = [w for w in wanted if w not in names and not w.startswith("dense-step")]
+        if unknown:
+            raise ValueError(f"--cell {','.join(unknown)}: no such cell; the cells are {', '.join(names)}, "
+                             "dense-step0, dense-stepN")
+        needed = {c.needs for c in todo if c.name in wanted}
+        todo = [c for c in todo if c.name in ("dense", *wanted, *needed)]
     if cfg.print:
         for c in todo:
             for cmd in c.train:

@@ -5,16 +5,17 @@ log-probability, for every model).
     python scripts/gradual_stats.py                     # results/gradual: prints the tables, writes table.md and
                                                         # the curves (dense_curve.png, budget_curve.png) beside them
 
-Statistics, chosen with the design and before the comparison was run:
+Statistics (fixed with the design, before the comparisons ran; the seed-level ones since issue 23):
 1. Per method, size and budget: accuracy and mean gold log-probability, mean +- s.d. over seeds; retention =
    accuracy / the dense model's accuracy on the same problems.
-2. PTL - Prune-Once (and PTL - each other one-cut baseline), paired: d[s, i] = x_PTL[s, i] - x_once[s, i] for
-   problem i under seed s (PTL and a one-cut method of one seed share calibration sample and recovery texts).
-   Mean over seeds and problems, with a 95% percentile interval from a two-way bootstrap: seeds and problems
-   resampled independently (--reps times, numpy seed 0), because every seed answers the same problems (crossed,
-   not nested). Per-seed differences are listed beside it.
-3. McNemar's exact two-sided test on the discordant pairs pooled over seeds: b = PTL right and Prune-Once wrong,
-   c = the reverse; p = P(|Binomial(b + c, 1/2) - (b + c)/2| >= |b - (b + c)/2|).
+2. A - B (e.g. PTL - Prune-Once), paired: d[s, i] = x_A[s, i] - x_B[s, i] for problem i under seed s (the two
+   methods of one seed share calibration sample and recovery texts). The seed (a training run) is the unit of
+   replication: the headline is the mean of the per-seed means d_s with a t-interval over seeds,
+   mean(d_s) +- t(0.975, S - 1) sd(d_s) / sqrt(S), beside a hierarchical bootstrap (seeds resampled, then
+   problems within each resampled seed) and an exact sign test over seeds. The problem-level interval of one
+   seed (a paired bootstrap over its problems) is shown only as within-seed precision.
+3. McNemar's exact test per seed (b = A right and B wrong, c = the reverse), never pooled over seeds: pooled,
+   it would count S x n pairs as independent when the seeds disagree among themselves.
 """
 from __future__ import annotations
 
@@ -31,8 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 from ptl_common import flag, human, run_cli  # noqa: E402
 
-LABEL = {"ptl": "PTL", "once": "Prune-Once", "taylor": "Prune-Once, LLM-Pruner criterion", "slicegpt": "SliceGPT",
-         "shortgpt": "ShortGPT"}
+LABEL = {"ptl": "PTL", "ptlc": "PTL, one schedule", "sel": "PTL's units, one cut",
+         "nor": "PTL's rounds unrecovered, one recovery", "once": "Prune-Once",
+         "taylor": "Prune-Once, LLM-Pruner criterion", "slicegpt": "SliceGPT", "shortgpt": "ShortGPT"}
+# (A, B) pairs reported as A - B: each gradual schedule against one cut, then the steps of the decomposition
+# (issue 23): once -> sel changes only the units; sel -> ptlc only when they are cut (training interleaved, the
+# same data, lr schedule and optimizer); ptlc -> ptl only the per-round restarts of the schedule.
+PAIRS = [("ptl", "once"), ("ptlc", "once"), ("ptl", "ptlc"), ("ptlc", "sel"), ("sel", "once"), ("nor", "once"),
+         ("ptl", "taylor"), ("ptl", "slicegpt"), ("ptl", "shortgpt")]
 
 
 @dataclass
@@ -45,22 +52,55 @@ class Config:
 # ----------------------------------------------------------------------------- statistics (pure)
 
 
-def crossed_bootstrap(d: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
-    """95% percentile interval of mean(d) for d (S seeds, n problems) with seeds and problems resampled
-    independently: replicate b is mean(d[s*, :][:, i*]), s* ~ S of S seeds and i* ~ n of n problems, with
-    replacement."""
+def seed_interval(per_seed: np.ndarray) -> tuple[float, float]:
+    """95% t-interval of the mean over S seeds: mean(d_s) +- t(0.975, S - 1) sd(d_s) / sqrt(S); (nan, nan) for
+    one seed, which says nothing about run-to-run spread."""
+    S = len(per_seed)
+    if S < 2:
+        return math.nan, math.nan
+    half = t_quantile(S - 1) * per_seed.std(ddof=1) / math.sqrt(S)
+    return float(per_seed.mean() - half), float(per_seed.mean() + half)
+
+
+def t_quantile(df: int) -> float:
+    """t(0.975, df), the two-sided 95% quantile of Student's t."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def seeds_for(per_seed: np.ndarray, half: float) -> int | None:
+    """The fewest seeds whose t-interval would have half-width <= `half` at this spread of per-seed means."""
+    if len(per_seed) < 2:
+        return None
+    sd = per_seed.std(ddof=1)
+    return next(S for S in range(2, 10**6) if t_quantile(S - 1) * sd / math.sqrt(S) <= half)
+
+
+def hierarchical_bootstrap(d: np.ndarray, reps: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of mean(d) for d (S seeds, n problems), resampling seeds, then problems within each
+    resampled seed: replicate b is mean over k of mean(d[s*_k, i*_k]), s* ~ S of S seeds and for each a fresh
+    i*_k ~ n of n problems, with replacement."""
     rng = np.random.default_rng(seed)
     S, n = d.shape
-    means = np.empty(reps)
-    for b in range(reps):
-        means[b] = d[rng.integers(0, S, S)][:, rng.integers(0, n, n)].mean()
+    s = rng.integers(0, S, (reps, S))  # (reps, S) seeds of each replicate
+    i = rng.integers(0, n, (reps, S, n))  # (reps, S, n) problems within each
+    means = d[s[..., None], i].mean((1, 2))
     lo, hi = np.percentile(means, [2.5, 97.5])
     return float(lo), float(hi)
 
 
+def problem_half_width(d: np.ndarray, reps: int, seed: int = 0) -> float:
+    """Within-seed precision: the mean over seeds of the half-width of a 95% paired bootstrap over one seed's n
+    problems (the interval one training run alone would give)."""
+    halves = [np.diff(hierarchical_bootstrap(row[None], reps, seed))[0] / 2 for row in d]
+    return float(np.mean(halves))
+
+
 def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value for b and c discordant pairs: under H0 each is PTL's way with probability
-    1/2, so p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b, c)))."""
+    """Two-sided exact McNemar p-value for b and c discordant pairs (also the sign test for b seeds above zero and
+    c below): under H0 each goes either way with probability 1/2, so p = min(1, 2 P(Binomial(b + c, 1/2) <= min(b,
+    c)))."""
     m = b + c
     if m == 0:
         return 1.0
@@ -88,22 +128,27 @@ def group(cells: dict, method: str, size: float, budget: int) -> dict[int, dict]
     return {c["seed"]: c for c in cells.values() if (c["method"], c["size"], c["budget"]) == (method, size, budget)}
 
 
-def compare(cells: dict, size: float, budget: int, reps: int, other: str = "once") -> dict | None:
-    """PTL - `other` (a one-cut method) at one size and budget, paired on the seeds both have (None if they share
-    none): differences of accuracy (points) and of gold log-prob, per problem and seed."""
-    p, o = group(cells, "ptl", size, budget), group(cells, other, size, budget)
-    seeds = sorted(set(p) & set(o))
+def compare(cells: dict, size: float, budget: int, reps: int, a: str = "ptl", b: str = "once") -> dict | None:
+    """A - B (two methods) at one size and budget, paired on the seeds both have (None if they share none):
+    differences of accuracy (points) and of gold log-prob, per problem and seed; seed-level intervals first."""
+    ga, gb = group(cells, a, size, budget), group(cells, b, size, budget)
+    seeds = sorted(set(ga) & set(gb))
     if not seeds:
         return None
-    acc_p, acc_o = (np.array([g[s]["correct"] for s in seeds], dtype=float) for g in (p, o))  # (S, n)
-    lp_p, lp_o = (np.array([g[s]["gold_logprobs"] for s in seeds]) for g in (p, o))
-    d, dl = 100 * (acc_p - acc_o), lp_p - lp_o
-    b, c = int(((acc_p == 1) & (acc_o == 0)).sum()), int(((acc_p == 0) & (acc_o == 1)).sum())
-    return {"other": other, "size": size, "budget": budget, "seeds": seeds, "n": d.shape[1],
-            "acc_diff": float(d.mean()),
-            "acc_ci": crossed_bootstrap(d, reps), "acc_per_seed": d.mean(1).tolist(), "b": b, "c": c,
-            "discordant": (b + c) / d.size, "mcnemar_p": mcnemar_exact(b, c), "lp_diff": float(dl.mean()),
-            "lp_ci": crossed_bootstrap(dl, reps), "lp_per_seed": dl.mean(1).tolist()}
+    acc_a, acc_b = (np.array([g[s]["correct"] for s in seeds], dtype=float) for g in (ga, gb))  # (S, n)
+    d = 100 * (acc_a - acc_b)
+    dl = np.array([ga[s]["gold_logprobs"] for s in seeds]) - np.array([gb[s]["gold_logprobs"] for s in seeds])
+    per, per_lp = d.mean(1), dl.mean(1)
+    b_s, c_s = ((acc_a == 1) & (acc_b == 0)).sum(1), ((acc_a == 0) & (acc_b == 1)).sum(1)
+    return {"a": a, "b": b, "size": size, "budget": budget, "seeds": seeds, "n": d.shape[1],
+            "acc_diff": float(per.mean()), "acc_ci": seed_interval(per), "acc_boot": hierarchical_bootstrap(d, reps),
+            "acc_per_seed": per.tolist(), "acc_within": problem_half_width(d, reps // 10),
+            "sign": (int((per > 0).sum()), int((per < 0).sum())),
+            "sign_p": mcnemar_exact(int((per > 0).sum()), int((per < 0).sum())),
+            "seeds_for_3": seeds_for(per, 3.0),
+            "mcnemar": [(int(x), int(y), mcnemar_exact(int(x), int(y))) for x, y in zip(b_s, c_s)],
+            "discordant": float((b_s + c_s).sum() / d.size),
+            "lp_diff": float(per_lp.mean()), "lp_ci": seed_interval(per_lp), "lp_per_seed": per_lp.tolist()}
 
 
 def summary(cells: dict, method: str, size: float, budget: int) -> dict:
@@ -160,17 +205,22 @@ def model_table(cells: dict, sizes: list[float], budgets: dict) -> str:
 
 
 def diff_table(comps: list[dict]) -> str:
-    head = ["removed (non-emb.)", "recovery", "seeds", "PTL − ...", "accuracy difference (points) [95% CI]",
-            "per seed", "McNemar b / c, p", "gold log-prob difference [95% CI]"]
+    """A - B per size and budget: the seed-level interval first, then the per-seed means, the sign test over seeds,
+    within-seed precision, McNemar per seed, and the gold log-prob difference (also over seeds)."""
+    head = ["removed (non-emb.)", "recovery", "seeds", "A − B", "accuracy (points) [95% CI over seeds]",
+            "hierarchical bootstrap", "per seed", "sign test +/−, p", "within-seed ±", "seeds for ±3",
+            "McNemar p per seed", "gold log-prob [95% CI over seeds]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in comps:
-        lo, hi = c["acc_ci"]
-        llo, lhi = c["lp_ci"]
-        per_seed = ", ".join(f"{x:+.1f}" for x in c["acc_per_seed"])
+        (lo, hi), (blo, bhi), (llo, lhi) = c["acc_ci"], c["acc_boot"], c["lp_ci"]
+        ci = f"[{lo:+.1f}, {hi:+.1f}]" if len(c["seeds"]) > 1 else "[one seed]"
+        lp_ci = f"[{llo:+.4f}, {lhi:+.4f}]" if len(c["seeds"]) > 1 else "[one seed]"
         lines.append(f"| {100 * c['size']:.0f}% | {budget_label(c['budget'])} | {len(c['seeds'])} | "
-                     f"{LABEL[c['other']]} | {c['acc_diff']:+.1f} [{lo:+.1f}, {hi:+.1f}] | {per_seed} | "
-                     f"{c['b']} / {c['c']}, "
-                     f"p = {c['mcnemar_p']:.2g} | {c['lp_diff']:+.4f} [{llo:+.4f}, {lhi:+.4f}] |")
+                     f"{LABEL[c['a']]} − {LABEL[c['b']]} | {c['acc_diff']:+.1f} {ci} | [{blo:+.1f}, {bhi:+.1f}] | "
+                     f"{', '.join(f'{x:+.1f}' for x in c['acc_per_seed'])} | "
+                     f"{c['sign'][0]}/{c['sign'][1]}, p = {c['sign_p']:.2g} | {c['acc_within']:.1f} | "
+                     f"{fmt(c['seeds_for_3'], 'd')} | {', '.join(f'{p:.2g}' for *_, p in c['mcnemar'])} | "
+                     f"{c['lp_diff']:+.4f} {lp_ci} |")
     return "\n".join(lines) + "\n"
 
 
@@ -222,8 +272,8 @@ def main(cfg: Config) -> dict:
     compressed = [c for c in cells.values() if c["method"] in LABEL]
     sizes = sorted({c["size"] for c in compressed})
     budgets = {s: sorted({c["budget"] for c in compressed if c["size"] == s}) for s in sizes}
-    comps = [c for s in sizes for b in reversed(budgets[s]) for other in list(LABEL)[1:]
-             if (c := compare(cells, s, b, cfg.reps, other))]
+    comps = [c for s in sizes for b in reversed(budgets[s]) for x, y in PAIRS
+             if (c := compare(cells, s, b, cfg.reps, x, y))]
     curve = max(sizes, key=lambda s: len(budgets[s]))
     d = cells["dense"]
     snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])
