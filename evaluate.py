@@ -57,10 +57,10 @@ import torch
 from tqdm import tqdm
 
 from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, cache_arg,
-                        chat_prompt, check_ranges, cleanup_dist, count_params, decode, eos_ids, finished_rounds, flag,
-                        human, is_main, last_boxed, load_config, load_model, load_record, math_equal, parse_config,
-                        print0, question_answer, read_jsonl, repeat_cache, returned_cache, run_cli, setup_dist,
-                        shares_prefix, spread, unshadow_evaluate)
+                        chat_prompt, check_ranges, check_read, cleanup_dist, count_params, decode, eos_ids,
+                        finished_rounds, flag, human, is_main, last_boxed, load_config, load_model, load_record,
+                        math_equal, pad_id, parse_config, print0, question_answer, read_jsonl, repeat_cache,
+                        returned_cache, run_cli, setup_dist, shares_prefix, spread, unshadow_evaluate)
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -340,7 +340,7 @@ def gold_logprobs(model, tok, prompts: list[str], continuations: list[str], *, b
             raise ValueError(f"continuation #{i} ({continuations[i][:40]!r}) adds no tokens after its prompt")
     c = common_prefix([w[:n] for n, w in zip(starts, whole)])
     shared = prefix_cache(model, whole[0][:c])
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     dev, scores = next(model.parameters()).device, [0.0] * len(prompts)
     order = sorted(range(len(prompts)), key=lambda i: -len(whole[i]))
     while order:  # longest first; a batch holds about LOGPROB_TOKENS tokens (its logits are rows x tokens x vocab)
@@ -383,7 +383,7 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
     c = common_prefix(ids) if reuse_prefix else 0
     shared = prefix_cache(model, ids[0][:c])
     lead = 0 if shared is None or shares_prefix(model) else c  # prefix columns in each row's own cache
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     pending, entered = sorted(range(len(prompts)), key=lambda i: -len(ids[i])), []
     bar = tqdm(total=len(prompts), desc="generate", disable=not is_main(), leave=False)
 
@@ -708,10 +708,13 @@ class Config:
                                      "speed_new_tokens", "repeats"), non_negative=("limit", "warmup"))
         if self.out and Path(self.out).is_dir():
             raise ValueError(f"--out {self.out} is a directory: give the name of the JSON file to write")
+        check_read(self, READS)
         self.task_list(), self.metric_list()  # unknown names are refused now, not after the first benchmark
 
     def task_list(self) -> list[str]:
         names = [t for t in self.tasks.split(",") if t]
+        if not names and not self.extra_lm_eval_tasks() and not self.report:
+            raise ValueError(f"--tasks {self.tasks!r} names no benchmark; choose from {sorted(BENCHMARKS)}")
         for t in names:
             if t not in BENCHMARKS:
                 raise ValueError(f"--tasks: unknown benchmark {t!r}; choose from {sorted(BENCHMARKS)} "
@@ -726,6 +729,14 @@ class Config:
 
     def extra_lm_eval_tasks(self) -> list[str]:
         return [t for t in self.lm_eval_tasks.split(",") if t]
+
+
+# Flags that only some modes read (check_read): set in another mode, a flag is refused.
+READS = {
+    "lm_eval_tasks": (lambda c: c.engine == "lm-eval", "with --engine lm-eval"),
+    "include_path": (lambda c: c.engine == "lm-eval", "with --engine lm-eval"),
+    **{k: (lambda c: not c.report, "when evaluating models, not with --report") for k in ("compare", "tasks", "limit")},
+}
 
 
 def parse_config_of(flags: str, within: str = "") -> "Config":

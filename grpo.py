@@ -47,6 +47,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -58,8 +59,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ptl_common import (DEFAULT_MODEL, OfflineReasoning, Sampling, all_reduce_, all_reduce_dict, cache_arg,
-                        chat_prompt, check_ranges, cleanup_dist, decode, flag, last_boxed, load_model, load_rows,
-                        math_equal, question_answer, repeat_cache, returned_cache, run_cli, setup_dist)
+                        chat_prompt, check_out, check_ranges, cleanup_dist, decode, flag, last_boxed, load_model,
+                        load_rows, math_equal, positions, question_answer, repeat_cache, returned_cache, run_cli,
+                        setup_dist)
 from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -217,7 +219,7 @@ def sample_groups(model, x: torch.Tensor, mask: torch.Tensor, seeds: list[int], 
     """G sampled continuations of each left-padded prompt x (B, T), mask (B, T): all but the last prompt token
     are prefilled once per prompt, the cache is repeated for its G rows, and decode samples on from there."""
     G, dev = cfg.group_size, x.device
-    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    pos = positions(mask)
     cache = None
     if x.shape[1] > 1:
         cache = returned_cache(model(input_ids=x[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1],
@@ -242,7 +244,7 @@ def response_logps(model, prompts: list[list[int]], responses: list[list[int]], 
     x, head_mask = left_pad([prompts[b][:-1] for b in starts], pad_id)  # (groups, P - 1)
     cache = None
     if x.shape[1]:
-        pos = (head_mask.cumsum(1) - 1).clamp(min=0)
+        pos = positions(head_mask)
         cache = returned_cache(model(input_ids=x.to(dev), attention_mask=head_mask.to(dev), position_ids=pos.to(dev),
                                      use_cache=True, logits_to_keep=1))
         cache.batch_repeat_interleave(counts.to(dev))
@@ -321,9 +323,28 @@ class Config:
 
     def __post_init__(self):
         check_ranges(self, positive=("rollout_batch", "mini_batches", "micro_batch", "max_prompt_length",
-                                     "max_response_length", "temperature", "top_p", "lr", "epochs", "verify_timeout"),
+                                     "max_response_length", "temperature", "top_p", "lr", "epochs", "verify_timeout",
+                                     "clip_high", "max_grad_norm"),
                      non_negative=("samples", "data_offset", "top_k", "gen_batch", "weight_decay", "kl_coef",
-                                   "max_steps", "save_every"))
+                                   "max_steps", "save_every", "acc_weight", "format_weight"))
+        check_out(self.out, self.model)
+        if not 0 <= self.clip_low < 1:
+            raise ValueError(f"--clip-low {self.clip_low}: the ratio is clipped to [1 - clip_low, 1 + clip_high]; "
+                             "need 0 <= --clip-low < 1")
+        if self.dual_clip <= 1:
+            raise ValueError(f"--dual-clip {self.dual_clip}: it bounds negative-advantage losses at dual_clip x "
+                             "advantage, above the clipped ratio; need > 1")
+        if self.acc_weight + self.format_weight == 0:
+            raise ValueError("--acc-weight and --format-weight are both 0: every reward would be 0")
+        if self.lr > 1:
+            raise ValueError(f"--lr {self.lr}: AdamW moves every weight by about lr per step; need <= 1")
+        world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's; the ranks split a step's prompts
+        chunks = math.ceil(self.rollout_batch // world * self.group_size / self.micro_batch)  # micro-batches a rank
+        if chunks % self.mini_batches:
+            raise ValueError(f"--mini-batches {self.mini_batches} must divide the {chunks} micro-batches of responses "
+                             f"that each of {world} ranks trains on per step (--rollout-batch {self.rollout_batch} x "
+                             f"--group-size {self.group_size} / --micro-batch {self.micro_batch}): else some updates "
+                             "are smaller or empty")
         if self.top_p > 1:
             raise ValueError(f"--top-p {self.top_p}: a probability mass, at most 1")
         if self.group_size < 2:
@@ -350,6 +371,7 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
     if B % (W * cfg.mini_batches) or N < B:
         raise ValueError(f"--rollout-batch {B} must be a multiple of {W} ranks x --mini-batches {cfg.mini_batches} "
                          f"and at most the {N} prompts")
+    check_prompt_lengths(tok, [render(tok, q, style) for q, _ in rows], cfg)
     per_epoch = N // B
     total = cfg.max_steps or cfg.epochs * per_epoch
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.kl_coef else None  # the policy as it starts
@@ -390,6 +412,15 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
                "fingerprint": fingerprint}
     save_final(out, model, net, tok, summary)
     return {**summary, "model": model.eval()}
+
+
+def check_prompt_lengths(tok, prompts: list[str], cfg: Config) -> None:
+    """Refuse prompts longer than --max-prompt-length: the rollout would cut off their end, the question."""
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=cfg.prompt != "chat")["input_ids"]]
+    over = sum(n > cfg.max_prompt_length for n in lengths)
+    if over:
+        raise ValueError(f"--max-prompt-length {cfg.max_prompt_length}: {over} of the {len(prompts)} prompts are "
+                         f"longer (the longest: {max(lengths)} tokens) and would lose their end; raise it")
 
 
 def rollout_sums(scored: list[dict], rewards: torch.Tensor, responses: list, G: int) -> dict:

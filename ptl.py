@@ -48,10 +48,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, add_shortcuts, all_reduce_, atomic_write_json, barrier, check_ranges,
-                        cleanup_dist, count_params, finished_rounds, flag, human, import_evaluate, is_main, load_model,
-                        load_record, load_rows, load_texts, make_batches, parse_config, print0, run_cli,
-                        save_checkpoint, setup_dist, sliced_class, unshadow_evaluate, verify_checkpoint)
+from ptl_common import (CHECKSUMS, DEFAULT_MODEL, add_shortcuts, all_reduce_, atomic_write_json, barrier, check_out,
+                        check_ranges, check_read, cleanup_dist, count_params, finished_rounds, flag, human,
+                        import_evaluate, is_main, load_config, load_model, load_record, load_rows, load_texts,
+                        make_batches, parse_config, print0, run_cli, save_checkpoint, setup_dist, sliced_class,
+                        unshadow_evaluate, verify_checkpoint)
 import recover
 
 # ----------------------------------------------------------------------------- accessors
@@ -79,6 +80,11 @@ def _unsupported(module: nn.Module, why: str) -> ValueError:
     return ValueError(f"unsupported architecture {kind!r}: {why}. PTL prunes gated FFNs "
                       "down_proj(act_fn(gate_proj x) * up_proj x) (Llama, Qwen2/3, Gemma2, Mistral, ...); "
                       "GPT-2-style MLPs, fused gate_up_proj and MoE experts are not supported.")
+
+
+def hidden_in(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's input hidden states (B, T, d), from a forward pre-hook's arguments."""
+    return args[0] if args else kwargs["hidden_states"]
 
 
 def check_supported(model: nn.Module) -> None:
@@ -206,7 +212,7 @@ def score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top: int, largest: 
 
     def layer_in(l):
         def fn(mod, args, kwargs):
-            st[l] = args[0] if args else kwargs["hidden_states"]  # h_{l-1} (B, T, d)
+            st[l] = hidden_in(args, kwargs)  # h_{l-1} (B, T, d)
         return fn
 
     def layer_out(l):
@@ -303,7 +309,7 @@ def perplexity_scores(model, batches) -> torch.Tensor:
     whose removal helps a (random) model does not rank as indispensable; the order is the same whenever
     removal hurts. Layer l is skipped by returning its input as its output."""
     def skip(mod, args, kwargs, out):
-        h = args[0] if args else kwargs["hidden_states"]
+        h = hidden_in(args, kwargs)
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
     scores = []
@@ -532,7 +538,7 @@ def block_inputs(model: nn.Module, batches: list[dict]) -> tuple[list[torch.Tens
     def grab(l):
         def fn(mod, args, kwargs):
             if l == 0:
-                xs.append(args[0] if args else kwargs["hidden_states"])
+                xs.append(hidden_in(args, kwargs))
             kws[l].append({k: v for k, v in kwargs.items() if k != "hidden_states"})
         return fn
 
@@ -761,6 +767,8 @@ class Config:
             if self.baseline != "none":
                 raise ValueError(f"--apply-removal and --baseline {self.baseline} each choose what to remove: give one")
             read_plan(self.apply_removal)  # a missing or unreadable plan now, before any model loads
+        check_read(self, READS)
+        check_out(self.out, self.model)
         self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
         if self.eval_every_round:
             import_evaluate().parse_config_of(self.eval_flags, within="--eval-flags").task_list()
@@ -798,6 +806,20 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Flags that only some modes read: set away from its default in another mode, a flag is refused (check_read).
+READS = {
+    "taylor_variant": (lambda c: c.neuron_rule == "taylor", "with --neuron-rule taylor"),
+    "released_top_n": (lambda c: c.neuron_rule == "released", "with --neuron-rule released"),
+    "protect_samples": (lambda c: bool(c.protect_data), "with --protect-data"),
+    "protect_frac": (lambda c: bool(c.protect_data) and c.neuron_rule != "released",
+                     "with --protect-data and --neuron-rule eq4 or taylor (released protects its own top-n)"),
+    "neuron_step": (lambda c: c.sigma_neuron is None, "without --sigma-neuron, which sets each round's count"),
+    "layer_step": (lambda c: c.sigma_layer is None, "without --sigma-layer, which sets each round's count"),
+    "calib_per_round": (lambda c: c.baseline == "none" and not c.apply_removal, "in PTL's rounds, not a one-cut run"),
+    "cpt_flags": (lambda c: "cpt" in c.recovery.split("+"), "with --recovery cpt or cpt+grpo"),
+    "grpo_flags": (lambda c: "grpo" in c.recovery.split("+"), "with --recovery grpo or cpt+grpo"),
+    "eval_flags": (lambda c: c.eval_every_round, "with --eval-every-round"),
+}
 RESUMABLE = {"rounds", "device", "eval_every_round", "eval_flags", "out"}  # may change when a run is resumed
 
 
@@ -858,7 +880,7 @@ def set_aside_damaged(out: Path) -> None:
     the run resumes from the last intact round and redoes the rest. Nothing is deleted."""
     for t in reversed(finished_rounds(out)):
         path = out / f"round_{t}"
-        why = verify_checkpoint(path, required=("config.json", "ptl_record.json", "model.safetensors"))
+        why = verify_checkpoint(path, required=("config.json", "ptl_record.json", "model.safetensors", CHECKSUMS))
         if why is None:
             try:
                 load_record(path)
@@ -966,10 +988,11 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, mome
         else:
             data = [grpo.question_answer(r, w) for w, r in
                     load_rows(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset, check=grpo.question_answer)]
-        result = module.train(model, tok, data, rc, **({"moments": moments} if rc.window else {}))
+        continuous = cfg.recovery_schedule == "continuous"  # cpt only (Config refuses the rest)
+        result = module.train(model, tok, data, rc, **({"moments": moments} if continuous else {}))
         model, carried = result.pop("model"), result.pop("moments", None)
         summaries[kind] = {"data": rc.data, "rows": [rc.data_offset, rc.data_offset + rc.samples], **result}
-    return model, summaries, carried if cfg.recovery_schedule == "continuous" else None
+    return model, summaries, carried if continuous else None
 
 
 def evaluate_round(model, tok, cfg: Config) -> dict:
@@ -993,8 +1016,8 @@ def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, st
         else:
             k = step if left is None else (neuron_schedule(left, step) or [0])[0]
         if k >= I:
-            raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --sigma-neuron or "
-                             "--target-ratio")
+            raise ValueError(f"round {t} would remove all {I} neurons of each layer; lower --neuron-step, "
+                             "--sigma-neuron or --target-ratio")
         removed = [lowest(s_neu[l], k) for l in range(L)]
         if any(s_neu[l, r].isinf().any() for l, r in enumerate(removed)):
             raise ValueError(f"round {t} must remove {k} neurons per layer, but a layer has fewer unprotected ones")
@@ -1154,7 +1177,8 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config
     checkpoints are, and what to run next."""
     last = load_record(out / f"round_{finished_rounds(out)[-1]}")
     P0, P = last["dense"]["params"]["total"], last["params_after"]["total"]
-    lines = [f"done: {human(P0)} -> {human(P)} parameters ({1 - P / P0:.1%} removed) in {last['round']} rounds: "
+    T = last["round"]
+    lines = [f"done: {human(P0)} -> {human(P)} parameters ({1 - P / P0:.1%} removed) in {T} round{'s' * (T > 1)}: "
              f"{last['dense']['num_hidden_layers']} -> {len(last['kept_layers'])} layers, FFN width "
              f"{last['dense']['intermediate_size']} -> {len(last['kept_neurons'][0])}" + (
                  f", hidden size {last['dense']['hidden_size']} -> {last['hidden_size']}" if "hidden_size" in last
@@ -1166,9 +1190,10 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config
         lines += [f"  round {r['round']}: {ev.summary_line(name, r[key])}" for key, name in
                   (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in r else "pruned")) if key in r]
     model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
-    kind = ("SliceGPT ones: ptl_common.load_model reads them, stock loaders cannot" if "hidden_size" in last
+    sliced = load_config(out / f"round_{T}").model_type == "ptl_slicegpt"
+    kind = ("SliceGPT ones: ptl_common.load_model reads them, stock loaders cannot" if sliced
             else "ordinary Hugging Face ones")
-    lines += [f"checkpoints ({kind}): {out}/round_1 .. round_{last['round']}",
+    lines += [f"checkpoints ({kind}): {out}/round_1" + (f" .. round_{T}" if T > 1 else ""),
               f"next: python evaluate.py --model {model} --compare {out}/round_{last['round']} --tasks offline "
               "--limit 200     # accuracy and speed against the dense model"]
     if dense_eval:

@@ -74,15 +74,43 @@ def parse_config(cls, argv: list[str] | None = None, *, within: str = ""):
         raise ValueError(f"{within}: {e}") if within and not str(e).startswith(within) else e
 
 
-def check_ranges(cfg, *, positive: tuple = (), non_negative: tuple = ()) -> None:
-    """Refuse, in one line naming each flag, values out of range: `positive` fields must be > 0 (a count >= 1),
-    `non_negative` ones >= 0; None (an unset optional threshold) passes."""
+def check_ranges(cfg, *, positive: tuple = (), non_negative: tuple = (), unit: tuple = ()) -> None:
+    """Refuse, in one line naming each flag, values out of range: every float flag must be finite, `positive`
+    fields > 0 (a count >= 1), `non_negative` ones >= 0, `unit` ones within [0, 1]; None (an unset optional
+    threshold) passes."""
     def bad(names, ok, need):
         return [f"--{k.replace('_', '-')} {getattr(cfg, k)} (need {need})" for k in names
                 if getattr(cfg, k) is not None and not ok(getattr(cfg, k))]
-    wrong = bad(positive, lambda v: v > 0, "> 0") + bad(non_negative, lambda v: v >= 0, ">= 0")
+    floats = [f.name for f in dataclasses.fields(cfg) if isinstance(getattr(cfg, f.name), float)]
+    wrong = (bad(floats, math.isfinite, "a finite number") + bad(positive, lambda v: v > 0, "> 0")
+             + bad(non_negative, lambda v: v >= 0, ">= 0") + bad(unit, lambda v: 0 <= v <= 1, "within [0, 1]"))
     if wrong:
-        raise ValueError("out of range: " + ", ".join(wrong))
+        raise ValueError("out of range: " + ", ".join(dict.fromkeys(wrong)))
+
+
+def check_read(cfg, reads: dict, mode: str = "") -> None:
+    """Refuse flags set away from their default that the chosen mode does not read, naming flag and mode.
+    reads: {field: (reads_it(cfg) -> bool, "when it is read")}, one table per script."""
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg)}
+    wrong = [f"--{k.replace('_', '-')} (read only {when})" for k, (reads_it, when) in reads.items()
+             if getattr(cfg, k) != defaults[k] and not reads_it(cfg)]
+    if wrong:
+        raise ValueError(f"{', '.join(wrong)} would be ignored{' ' + mode if mode else ''}; drop it")
+
+
+def check_out(out: str, model: str) -> None:
+    """Refuse an --out that is the --model checkpoint directory or inside it: the run would write over its input."""
+    if (Path(model) / "config.json").is_file():
+        o, m = Path(out).resolve(), Path(model).resolve()
+        if o == m or m in o.parents:
+            raise ValueError(f"--out {out} is inside --model {model}: the run would write over the model it reads; "
+                             "choose another --out")
+
+
+def nonfinite(model: torch.nn.Module) -> list[str]:
+    """Names of the parameters holding NaN or inf (this rank's shard under FSDP); [] when all are finite."""
+    return [n for n, p in model.named_parameters()
+            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
 
 
 # A user's mistake or a refused input: a bad value, a missing file or model, malformed data, an unsupported
@@ -123,7 +151,13 @@ class Dist:
 
 def setup_dist(device: str = "auto") -> Dist:
     """Join the torchrun process group if there is one (NCCL on CUDA, gloo on CPU), else one process."""
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    try:
+        kind = torch.device("cpu" if device == "auto" else device).type
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA device; use --device auto or cpu")
+    cuda = torch.cuda.is_available() if device == "auto" else kind == "cuda"
     if "RANK" not in os.environ:  # plain `python script.py`
         return Dist(0, 0, 1, torch.device("cuda" if cuda else (device if device != "auto" else "cpu")))
     local_rank = int(os.environ["LOCAL_RANK"])
@@ -419,12 +453,20 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
         why = "the Hugging Face hub cannot be reached and it is not in the cache" if local else str(e).splitlines()[0]
         raise FileNotFoundError(f"Could not load model {name!r}: it is not a local checkpoint directory, and {why}. "
                                 f"Offline, use --model {DEFAULT_MODEL} or a local checkpoint directory.") from e
+    if bad := nonfinite(model):
+        raise ValueError(f"model {name!r}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); refusing to "
+                         "use it (a diverged training run?)")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model.to(device).eval(), tok
 
 
 # ----------------------------------------------------------------------------- decoding (evaluate.py, grpo.py)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids of left-padded rows: each real token's index among its row's real tokens (0 on padding)."""
+    return (mask.cumsum(1) - 1).clamp(min=0)
 
 
 def cache_arg(model) -> str:
@@ -589,7 +631,7 @@ def _enter(x: torch.Tensor, mask: torch.Tensor, cache, gens: list | None, out: l
     cache.get_seq_length() positions, and which follow `after` tokens of a shared prefix; each gets an empty output
     list at the end of `out`."""
     past = cache.get_seq_length() if cache is not None else 0
-    pos = (mask.cumsum(1) - 1).clamp(min=0) + after  # positions follow the real tokens, as in generate
+    pos = positions(mask) + after  # positions follow the real tokens, as in generate
     out += [[] for _ in range(len(x))]
     return _Running(cache, mask, x[:, past:], pos[:, past:], list(range(len(out) - len(x), len(out))), gens)
 
@@ -1008,8 +1050,8 @@ def question_answer(rec: dict, where: str) -> tuple[str, str]:
         a = a.split("####")[-1].strip().replace(",", "")
     if a is None and isinstance(rec.get("solution"), str):
         a = last_boxed(rec["solution"])
-    if q is None or not a:
-        raise ValueError(f"{where}: record has fields {sorted(rec)}; a graded problem needs a question "
+    if q is None or not q.strip() or not a:
+        raise ValueError(f"{where}: record has fields {sorted(rec)}; a graded problem needs a non-empty question "
                          "(problem/question) and a gold answer (answer, or a solution with \\boxed{})")
     return q, a
 
@@ -1102,6 +1144,11 @@ def offline_reasoning(n: int, seed: int) -> list[dict]:
     return [ds[i] for i in range(n)]
 
 
+def pad_id(tok) -> int:
+    """The tokenizer's pad id, or its EOS id where it has none (load_model sets pad = EOS then, as HF does)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
 def make_batches(tokenizer, texts: list[str], *, max_length: int, batch_size: int) -> list[dict]:
     """Right-padded batches of {input_ids, attention_mask} (B, T), longest first.
 
@@ -1114,7 +1161,7 @@ def make_batches(tokenizer, texts: list[str], *, max_length: int, batch_size: in
     if empty:
         raise ValueError(f"text #{empty[0]} ({texts[empty[0]]!r}) has no tokens; remove empty records from the data")
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id(tokenizer)
     batches = []
     for s in range(0, len(order), batch_size):
         rows = [ids[i] for i in order[s : s + batch_size]]

@@ -45,8 +45,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, check_ranges,
-                        cleanup_dist, flag, is_main, load_model, load_texts, print0, run_cli, setup_dist)
+from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, check_out,
+                        check_ranges, cleanup_dist, flag, is_main, load_model, load_texts, nonfinite, pad_id, print0,
+                        run_cli, setup_dist, sha256)
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -231,9 +232,20 @@ def grad_sync(model, enabled: bool):
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 
 
+def check_weights(net, out: Path) -> None:
+    """Stop (every rank alike) before anything is saved when an update left a weight NaN or inf: the loss that
+    the NaN guard reads was finite, but the update after it can still overflow the weights."""
+    bad = nonfinite(net)
+    if all_reduce_(torch.tensor(float(len(bad)), device=next(net.parameters()).device)).item():
+        raise FloatingPointError(f"weights are not finite after the last update{f' ({bad[0]}, ...)' if bad else ''}; "
+                                 f"nothing was saved over the last good checkpoint (if any, in {out / 'checkpoints'}); "
+                                 "try a lower --lr")
+
+
 def save_state(path: Path, model, opt, step: int, extra: dict) -> None:
     """A resumable checkpoint: model, optimizer, step (the data position: the block order is a function of
     seed and epoch) and every rank's RNG state, written by rank 0 into a temporary dir, then renamed."""
+    check_weights(model, path.parent.parent)
     msd, osd = get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, opt, options=FULL)
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
@@ -307,8 +319,11 @@ class Config:
 
     def __post_init__(self):
         check_ranges(self, positive=("global_batch", "micro_batch", "lr", "epochs", "max_grad_norm"),
-                     non_negative=("samples", "data_offset", "max_steps", "save_every", "keep_every", "warmup_ratio",
-                                   "weight_decay", "ce_chunk"))
+                     non_negative=("samples", "data_offset", "max_steps", "save_every", "keep_every", "weight_decay",
+                                   "ce_chunk"), unit=("warmup_ratio",))
+        check_out(self.out, self.model)
+        if self.lr > 1:
+            raise ValueError(f"--lr {self.lr}: AdamW moves every weight by about lr per step; need <= 1")
         if self.global_batch < 1 or self.micro_batch < 1 or self.max_length < 2 or self.lr <= 0:
             raise ValueError("need --global-batch, --micro-batch >= 1, --max-length >= 2 and --lr > 0")
         if self.keep_every < 0 or self.save_every < 0:
@@ -331,7 +346,7 @@ def packed(tok, texts: list[str], cfg: Config, world: int) -> tuple[dict, dict]:
     if tok.eos_token_id is None:
         raise ValueError("the tokenizer has no EOS token to separate packed documents")
     docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
-    data = pack(docs, cfg.max_length, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    data = pack(docs, cfg.max_length, pad_id(tok))
     N, G, M = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch
     if G % (M * world):
         raise ValueError(f"--global-batch {G} must be a multiple of --micro-batch {M} x {world} processes")
@@ -467,6 +482,10 @@ def finished(out: Path, fingerprint: dict, resumable: set = RESUMABLE) -> dict |
     if diff or (was.get("blocks"), was.get("tokens")) != (fingerprint["blocks"], fingerprint["tokens"]):
         raise ValueError(f"{out} holds a finished run made with other settings {diff} (old, new) or other data: "
                          "use another --out, or delete it to train again")
+    damaged = [n for n, h in old.get("checksums", {}).items() if not (out / n).is_file() or sha256(out / n) != h]
+    if damaged:
+        raise ValueError(f"{out} holds this run, finished, but {', '.join(damaged)} is not what it wrote (missing "
+                         "or changed since): delete OUT to train again")
     print0(f"{out} holds this run, finished ({old['steps']} steps): nothing to do")
     return old
 
@@ -561,13 +580,17 @@ def save_final(out: Path, model, net, tok, summary: dict) -> None:
     """The trained weights as a plain HF checkpoint in OUT, then train_summary.json, which marks the run done.
 
     Files are written to a temporary dir and moved in with config.json last: OUT never holds a loadable but
-    partial checkpoint. The resumable checkpoints are deleted afterwards."""
+    partial checkpoint. The summary lists every file's SHA-256, which finished() checks. The resumable checkpoints
+    are deleted afterwards."""
+    check_weights(net, out)
     save_weights(out / "final", model, net, tok)
     if is_main():
+        sums = {}
         for f in sorted((out / "final").iterdir(), key=lambda p: p.name == "config.json"):
+            sums[f.name] = sha256(f)
             os.replace(f, out / f.name)
         (out / "final").rmdir()
-        atomic_write_json(out / "train_summary.json", summary)
+        atomic_write_json(out / "train_summary.json", {**summary, "checksums": sums})
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     barrier()
 
@@ -582,6 +605,8 @@ def main(cfg: Config) -> dict:
     model, tok = load_model(cfg.model, dtype="float32", device=d.device)  # fp32 master weights; bf16 autocast on CUDA
     texts = load_texts(cfg.data, n=cfg.samples, seed=cfg.seed, offset=cfg.data_offset)
     result = train(model, tok, texts, cfg)
+    print0(f"trained {result['steps']} steps on {result['tokens']} tokens (final loss {result['loss']:.4f}): "
+           f"{cfg.out} is a Hugging Face checkpoint (metrics.jsonl beside it)")
     cleanup_dist()
     return {k: v for k, v in result.items() if k not in ("model", "moments")}
 

@@ -1,10 +1,10 @@
 """Does gradual beat one cut? PTL against Prune-Once at an equal recovery budget, with seeds, two sizes, a budget
-curve and paired statistics: the experiment behind the README section of the same name (issue 10).
+curve and paired statistics: the experiment of docs/gradual.md.
 
     python scripts/gradual.py                                # the whole experiment; re-running resumes
     python scripts/gradual.py --cell ptl-45-b560-s2          # one cell (method, size, budget, seed) on its own
     python scripts/gradual.py --print                        # the commands it runs, without running them
-    python scripts/gradual_stats.py                          # every README number, from the committed results
+    python scripts/gradual_stats.py                          # every number of docs/gradual.md, from the results
 
 Design, fixed before any compressed model was evaluated (the defaults of Config below; the dense model and its
 curve were measured first, to size the rest):
@@ -56,7 +56,7 @@ curve were measured first, to size the rest):
 Every cell is a plain recover.py / ptl.py / evaluate.py command; --jobs of them run at once, the CPU cores split
 between them. A cell leaves OUT/<cell>/ (its final model, for other benchmarks later: the last round_<T>/ of a
 ptl.py run; earlier rounds keep their records, not their weights) and RESULTS/<cell>.json (each problem's
-correctness and gold log-probability), from which scripts/gradual_stats.py computes the README's table and
+correctness and gold log-probability), from which scripts/gradual_stats.py computes docs/gradual.md's tables and
 budget curve. A finished cell is skipped; one made with other settings is refused.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every number of the README section "Does gradual beat one cut?", recomputed from the committed per-problem
+"""Every number of docs/gradual.md ("Does gradual beat one cut?"), recomputed from the committed per-problem
 results that scripts/gradual.py writes (RESULTS/<cell>.json: each held-out problem's correctness and gold
 log-probability, for every model).
 
@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import flag, human, run_cli  # noqa: E402
+from ptl_common import check_ranges, flag, human, run_cli  # noqa: E402
 
 LABEL = {"ptl": "PTL", "ptlc": "PTL, one schedule", "sel": "PTL's units, one cut",
          "nor": "PTL's rounds unrecovered, one recovery", "once": "Prune-Once",
@@ -47,6 +47,11 @@ class Config:
     """The tables and curves of the gradual-vs-once experiment, from its per-problem results."""
     results: str = flag("results/gradual", "the directory gradual.py wrote")
     reps: int = flag(10000, "bootstrap resamples")
+
+    def __post_init__(self):
+        check_ranges(self, positive=("reps",))
+        if not Path(self.results).is_dir():
+            raise ValueError(f"--results {self.results} is not a directory of gradual.py results")
 
 
 # ----------------------------------------------------------------------------- statistics (pure)
@@ -224,6 +229,35 @@ def diff_table(comps: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def jaccard(a: dict, b: dict) -> float:
+    """|A ∩ B| / |A ∪ B| of two cells' removed neurons, as (dense layer, neuron) pairs over the layers both keep."""
+    both = set(a["removed_neurons"]) & set(b["removed_neurons"])
+    A = {(l, j) for l in both for j in a["removed_neurons"][l]}
+    B = {(l, j) for l in both for j in b["removed_neurons"][l]}
+    return len(A & B) / len(A | B) if A | B else 1.0
+
+
+def units_table(cells: dict, sizes: list[float], budgets: dict) -> str:
+    """Per method with recorded units: the removed layers of each seed, and the mean over shared seeds of the
+    Jaccard overlap of its removed neurons with Prune-Once's and with continuous PTL's."""
+    head = ["removed (non-emb.)", "model", "seeds", "removed layers per seed", "Jaccard with Prune-Once",
+            "Jaccard with PTL, one schedule"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for size in sizes:
+        for budget in budgets[size]:
+            runs = {m: {s: c for s, c in group(cells, m, size, budget).items() if "removed_neurons" in c}
+                    for m in LABEL}
+            for m, by_seed in runs.items():
+                if not by_seed:
+                    continue
+                layers = "; ".join(",".join(map(str, by_seed[s]["removed_layers"])) for s in sorted(by_seed))
+                overlap = [fmt(np.mean(js), ".3f") if (js := [jaccard(by_seed[s], runs[o][s]) for s in by_seed
+                                                              if s in runs[o]]) else "—" for o in ("once", "ptlc")]
+                lines.append(f"| {100 * size:.0f}% | {LABEL[m]} ({budget_label(budget)}) | {len(by_seed)} | {layers} | "
+                             f"{overlap[0]} | {overlap[1]} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
+
+
 def plot_curves(cells: dict, size: float, budgets: list[int], out: Path) -> None:
     """dense_curve.png (the skill as the dense model learns it) and budget_curve.png (retention against recovery
     tokens at one size, PTL and Prune-Once, mean and the seeds' range)."""
@@ -279,6 +313,8 @@ def main(cfg: Config) -> dict:
     snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])
     md = (f"Dense: {human(d['train_tokens'])} training tokens; every model answers the same {d['n']} held-out "
           "problems.\n\n" + model_table(cells, sizes, budgets) + "\n" + diff_table(comps))
+    if units := units_table(cells, sizes, budgets):
+        md += "\nRemoved units (dense numbering):\n\n" + units
     md += ("\nDense curve (steps, training tokens: held-out accuracy % on the first "
            f"{snaps[0]['n'] if snaps else 0} problems, gold log-prob): "
            + "; ".join(f"{c['step']}, {human(c['train_tokens']) if c['train_tokens'] else 0}: "

@@ -9,7 +9,7 @@ ARCHS = ("llama", "qwen2", "gemma2")
 
 
 def tiny_config(arch: str, *, tied: bool = True, kv_heads: int = 2, layers: int = 3, inter: int = 24,
-                max_position_embeddings: int = 256):
+                max_position_embeddings: int = 1024):
     common = dict(vocab_size=128, hidden_size=32, intermediate_size=inter, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=kv_heads, head_dim=8,
                   max_position_embeddings=max_position_embeddings,

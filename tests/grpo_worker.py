@@ -14,6 +14,6 @@ if __name__ == "__main__":
     model, tok = load_model(model_dir, dtype="float32")
     rows = [grpo.question_answer(r, w) for w, r in load_rows("offline-easy", n=16, seed=0, check=grpo.question_answer)]
     cfg = grpo.Config(out=out, rollout_batch=4, group_size=4, max_response_length=6, max_steps=2, lr=1e-2,
-                      micro_batch=3, gen_batch=1, prompt="fewshot", max_prompt_length=64, kl_coef=0.05)
+                      micro_batch=3, gen_batch=1, prompt="fewshot", max_prompt_length=512, kl_coef=0.05)
     grpo.train(model, tok, rows, cfg, reward_fn=sevens)
     cleanup_dist()

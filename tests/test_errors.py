@@ -26,6 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
     (grpo, ["--samples", "-1", "--data-offset", "-2"], "--samples -1 (need >= 0), --data-offset -2 (need >= 0)"),
     (ev, ["--limit", "-1"], "--limit -1 (need >= 0)"),
     (ev, ["--batch-size", "0"], "--batch-size 0 (need > 0)"),
+    (recover, ["--lr", "inf"], "--lr inf (need a finite number)"),
+    (recover, ["--warmup-ratio", "5"], "--warmup-ratio 5.0 (need within [0, 1])"),
+    (grpo, ["--acc-weight", "nan"], "--acc-weight nan (need a finite number)"),
+    (grpo, ["--max-grad-norm", "-1"], "--max-grad-norm -1.0 (need > 0)"),
+    (grpo, ["--format-weight", "-1"], "--format-weight -1.0 (need >= 0)"),
 ])
 def test_a_value_out_of_range_is_one_line_and_exit_status_2(module, argv, message, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -69,6 +74,78 @@ def test_bench_recover_refuses_too_little_data_for_its_steps_before_any_model_lo
 def test_ptl_refuses_flags_that_would_be_ignored_or_fail_later_before_any_model_loads(kw, message):
     with pytest.raises(ValueError, match=message):
         ptl.Config(**kw)
+
+
+@pytest.mark.parametrize("module, kw, message", [
+    (recover, dict(lr=1e30), "--lr 1e[+]30: AdamW moves every weight by about lr per step; need <= 1"),
+    (grpo, dict(clip_low=-1.0), "need 0 <= --clip-low < 1"),
+    (grpo, dict(dual_clip=0.5), "--dual-clip 0.5: .* need > 1"),
+    (grpo, dict(acc_weight=0.0, format_weight=0.0), "every reward would be 0"),
+    (grpo, dict(mini_batches=4, rollout_batch=2, group_size=2, micro_batch=4), "--mini-batches 4 must divide the 1 "),
+    (ptl, dict(taylor_variant="vector"), "--taylor-variant [(]read only with --neuron-rule taylor[)]"),
+    (ptl, dict(cpt_flags="--samples 3"), "--cpt-flags [(]read only with --recovery cpt or cpt[+]grpo[)]"),
+    (ptl, dict(recovery="cpt", cpt_flags="--samples 3", grpo_flags="--samples 3"), "--grpo-flags [(]read only"),
+    (ptl, dict(eval_flags="--tasks bogus"), "--eval-flags [(]read only with --eval-every-round[)]"),
+    (ptl, dict(sigma_neuron=0.1, neuron_step=0.2), "--neuron-step [(]read only without --sigma-neuron"),
+    (ptl, dict(released_top_n="0.5"), "--released-top-n [(]read only with --neuron-rule released[)]"),
+    (ptl, dict(protect_data="x.txt", protect_samples=3, neuron_rule="released", protect_frac=0.2), "--protect-frac"),
+    (ptl, dict(baseline="shortgpt", calib_per_round=True), "--calib-per-round [(]read only in PTL's rounds"),
+    (ev, dict(lm_eval_tasks="mine"), "--lm-eval-tasks [(]read only with --engine lm-eval[)]"),
+    (ev, dict(include_path="/nonexistent"), "--include-path [(]read only with --engine lm-eval[)]"),
+    (ev, dict(report="out/x", limit=3), "--limit [(]read only when evaluating models, not with --report[)]"),
+    (ev, dict(tasks=",,"), "--tasks ',,' names no benchmark"),
+])
+def test_a_value_without_meaning_or_a_flag_the_mode_ignores_is_refused_by_name(module, kw, message):
+    with pytest.raises(ValueError, match=message):
+        module.Config(**kw)
+
+
+@pytest.mark.parametrize("module", [ptl, recover, grpo])
+def test_an_out_inside_the_model_it_reads_is_refused(module, tiny_dirs):
+    for out in (tiny_dirs["llama"], f"{tiny_dirs['llama']}/trained", f"{tiny_dirs['llama']}/"):
+        with pytest.raises(ValueError, match="inside --model .* would write over the model it reads"):
+            module.Config(model=tiny_dirs["llama"], out=out)
+
+
+def test_an_update_that_leaves_a_weight_non_finite_stops_the_run_and_saves_nothing(tmp_path, monkeypatch):
+    from conftest import char_tokenizer, tiny_model
+
+    step = recover.train_step
+
+    def diverge(net, *a, **k):  # a finite loss, then an update that overflows one weight
+        out = step(net, *a, **k)
+        next(net.parameters()).data[0, 0] = float("inf")
+        return out
+
+    monkeypatch.setattr(recover, "train_step", diverge)
+    cfg = recover.Config(out=str(tmp_path), max_length=32, global_batch=2, micro_batch=2, max_steps=2, save_every=1)
+    with pytest.raises(FloatingPointError, match="weights are not finite after the last update"):
+        recover.train(tiny_model("llama", layers=1), char_tokenizer(), ptl_common.load_texts("offline", n=8, seed=0),
+                      cfg)
+    assert not (tmp_path / "model.safetensors").exists() and not list((tmp_path / "checkpoints").glob("step_*"))
+
+
+def test_a_model_with_non_finite_weights_is_refused_where_it_loads(tmp_path):
+    import torch
+
+    from conftest import char_tokenizer, tiny_model
+
+    model = tiny_model("llama", layers=1)
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")
+    model.save_pretrained(tmp_path)
+    char_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="1 weight tensors hold NaN or inf .first: model.norm.weight."):
+        ptl_common.load_model(str(tmp_path))
+
+
+def test_grpo_refuses_prompts_its_length_limit_would_cut_and_empty_questions():
+    from conftest import char_tokenizer
+
+    with pytest.raises(ValueError, match="--max-prompt-length 5: 1 of the 2 prompts are longer .the longest: 11"):
+        grpo.check_prompt_lengths(char_tokenizer(), ["abc", "abcdefghij"], grpo.Config(max_prompt_length=5))
+    with pytest.raises(ValueError, match="data.jsonl:3: .* needs a non-empty question"):
+        ptl_common.question_answer({"question": " ", "answer": "3"}, "data.jsonl:3")
 
 
 def test_evaluate_checks_every_benchmark_file_and_its_out_before_any_model_loads(tmp_path, monkeypatch):
@@ -131,3 +208,23 @@ def test_hub_offline_mode_chosen_by_the_user_is_left_to_the_libraries(monkeypatc
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert ptl_common.hub_unreachable() is False
     ptl_common.hub_unreachable.cache_clear()
+
+
+def test_a_device_that_is_not_one_or_not_here_is_one_line_not_a_traceback():
+    import torch
+
+    with pytest.raises(ValueError, match="--device 'bogus' is not a device"):
+        ptl_common.setup_dist("bogus")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA device"):
+            ptl_common.setup_dist("cuda")
+
+
+def test_gradual_stats_refuses_no_resamples_and_a_missing_results_directory(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import gradual_stats
+
+    with pytest.raises(ValueError, match="--reps 0 .need > 0."):
+        gradual_stats.Config(reps=0)
+    with pytest.raises(ValueError, match="is not a directory of gradual.py results"):
+        gradual_stats.Config(results=str(tmp_path / "none"))

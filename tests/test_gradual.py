@@ -46,6 +46,8 @@ def test_the_experiment_runs_end_to_end_on_a_tiny_model_and_its_results_recomput
         assert c["rounds"] > 1 and sel["rounds"] == nor["rounds"] == 1 and sel["params"] == nor["params"] == c["params"]
         assert c["train_tokens"] == sel["train_tokens"] == nor["train_tokens"] == once["train_tokens"]
         assert len(c["removed_layers"]) == 1 and len(c["removed_neurons"]) == 3
+    sel_row = next(line for line in res["markdown"].splitlines() if line.startswith("| 45% | PTL's units, one cut ("))
+    assert sel_row.endswith("| 1.000 |"), "sel removed exactly continuous PTL's neurons"
     for name, p in cells.items():
         if p["method"] in ("ptl", "ptlc"):
             o = cells[name.replace(p["method"], "once", 1)]
@@ -87,6 +89,12 @@ def test_a_finished_cell_is_skipped_and_one_made_with_other_settings_is_refused(
 @pytest.mark.parametrize("b, c, p", [(0, 0, 1.0), (5, 5, 1.0), (0, 5, 2 / 32), (1, 9, 22 / 1024), (9, 1, 22 / 1024)])
 def test_mcnemar_exact_p_values_are_the_two_sided_binomial_tail(b, c, p):
     assert gradual_stats.mcnemar_exact(b, c) == pytest.approx(p)
+
+
+def test_jaccard_overlap_counts_removed_neurons_of_the_layers_both_keep():
+    a = {"removed_neurons": {"0": [1, 2], "1": [3]}}
+    b = {"removed_neurons": {"0": [2, 4], "2": [5]}}  # layer 1 and 2: each removed by the other
+    assert gradual_stats.jaccard(a, b) == pytest.approx(1 / 3) and gradual_stats.jaccard(a, a) == 1.0
 
 
 def test_the_seed_level_interval_is_the_t_interval_over_per_seed_means():

@@ -26,7 +26,7 @@ def sevens(text: str, answer: str) -> dict:
 def cfg(out, **kw) -> grpo.Config:
     return grpo.Config(**{"out": str(out), "rollout_batch": 4, "group_size": 8, "max_response_length": 8,
                           "max_steps": 3, "lr": 2e-2, "micro_batch": 16, "prompt": "fewshot",
-                          "max_prompt_length": 64, **kw})
+                          "max_prompt_length": 512, **kw})
 
 
 def run(out, *, reward_fn=sevens, model=None, **kw) -> dict:

@@ -62,7 +62,7 @@ def test_a_resumed_run_ends_equal_to_an_uninterrupted_one(tiny_dirs, tmp_path):
     assert [strip(r) for r in records(tmp_path / "resumed")] == [strip(r) for r in records(tmp_path / "straight")]
 
 
-@pytest.mark.parametrize("damage", ["one tensor", "truncated", "no config", "bad record"])
+@pytest.mark.parametrize("damage", ["one tensor", "truncated", "no config", "bad record", "no checksums"])
 def test_a_damaged_round_is_named_set_aside_and_redone_from_the_round_before(damage, tiny_dirs, tmp_path, capsys):
     from safetensors.torch import save_file
 
@@ -78,6 +78,8 @@ def test_a_damaged_round_is_named_set_aside_and_redone_from_the_round_before(dam
         (r2 / "model.safetensors").write_bytes(data[: len(data) // 2])
     elif damage == "no config":
         (r2 / "config.json").unlink()
+    elif damage == "no checksums":  # then nothing could tell changed weights: the round counts as damaged
+        (r2 / "checksums.json").unlink()
     else:
         (r2 / "ptl_record.json").write_text('{"round": 2, ')
     capsys.readouterr()
@@ -213,7 +215,7 @@ def test_language_protection_keeps_the_protected_neurons(rule, tiny_dirs, tmp_pa
     general = tmp_path / "general.txt"
     general.write_text("The river flows past the old mill.\nShe read the letter twice before answering.\n" * 4)
     run(tiny_dirs["llama"], tmp_path / "out", rounds=1, neuron_rule=rule, protect_data=str(general),
-        protect_frac=0.25, released_top_n="0.5")
+        **({"protect_frac": 0.25} if rule == "eq4" else {"released_top_n": "0.5"}))
     s = load_file(tmp_path / "out" / "round_1" / "scores.safetensors")["neuron_scores"]
     rec = records(tmp_path / "out")[0]
     assert s.isinf().any(), "some neurons are protected"
@@ -277,13 +279,13 @@ def test_the_released_rule_reads_the_appended_copy_of_the_last_token():
 
 
 def test_the_released_rule_takes_its_n_and_fresh_texts_round_by_round(tmp_path):
-    cfg = ptl.Config(released_top_n="12000,12000,11000")
+    cfg = ptl.Config(neuron_rule="released", released_top_n="12000,12000,11000")
     assert [cfg.top_n(t) for t in (1, 2, 3, 4)] == [12000, 12000, 11000, 11000]
     assert ptl.top_count(0.5, 40) == 20 and ptl.top_count(30, 40) == 30
     with pytest.raises(ValueError, match="leaves no neuron"):
         ptl.top_count(40, 40)
     with pytest.raises(ValueError, match="fractions in"):
-        ptl.Config(released_top_n="1.5")
+        ptl.Config(neuron_rule="released", released_top_n="1.5")
     with pytest.raises(ValueError, match="give --protect-samples"):
         ptl.Config(calib_per_round=True, protect_data="en.txt")
     model = tiny_model("llama", layers=4, inter=40)
@@ -408,7 +410,7 @@ def test_cpt_recovery_without_a_per_round_size_is_refused(tiny_dirs, tmp_path):
 
 def test_cpt_then_grpo_recover_every_round_in_the_order_of_algorithm_1(tiny_dirs, tmp_path):
     grpo_flags = ("--samples 8 --rollout-batch 4 --group-size 2 --max-response-length 4 --max-steps 2 "
-                  "--micro-batch 8 --max-prompt-length 48 --lr 1e-3")
+                  "--micro-batch 8 --max-prompt-length 512 --lr 1e-3")
     run(tiny_dirs["llama"], tmp_path, **{**CPT, "recovery": "cpt+grpo", "grpo_flags": grpo_flags})
     recs = records(tmp_path)
     assert [list(r["recovery"]) for r in recs] == [["cpt", "grpo"]] * 2

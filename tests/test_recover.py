@@ -245,6 +245,17 @@ def test_a_finished_run_is_not_redone(tmp_path):
     assert torch.equal(again["model"].lm_head.weight, first["model"].lm_head.weight)
 
 
+def test_a_finished_run_whose_weights_changed_since_is_refused_not_returned(tmp_path):
+    from safetensors.torch import save_file
+
+    run(tmp_path)
+    w = weights(tmp_path)
+    name = next(iter(w))
+    save_file({**w, name: w[name] + 0.5}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="model.safetensors is not what it wrote"):
+        run(tmp_path)
+
+
 def test_a_finished_run_made_with_other_settings_or_data_is_refused_not_returned(tmp_path):
     run(tmp_path)
     with pytest.raises(ValueError, match=r"finished run made with other settings \{'lr'"):
