@@ -355,7 +355,22 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
             "problems": [hashlib.sha1(s["question"].encode()).hexdigest()[:10] for s in r["samples"]],
             "correct": [int(s["correct"] is True) for s in r["samples"]],
             "gold_logprobs": [round(s["gold_logprob"], 5) for s in r["samples"]],
-            "pred": [s["pred"] for s in r["samples"]], **removed_units(recs[-1] if recs else None)}
+            "pred": [s["pred"] for s in r["samples"]], **removed_units(recs[-1] if recs else None), "env": env()}
+
+
+def env() -> dict:
+    """What a cell's numbers depend on beyond its settings: dense training is not bitwise reproducible across CPU
+    types or library versions (a dense model re-made with other ones differed on held-out accuracy by 2.4 points)."""
+    import platform
+
+    import torch
+    import transformers
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "cpu": cpu,
+            "commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                     text=True).stdout.strip()}
 
 
 def removed_units(rec: dict | None) -> dict:
