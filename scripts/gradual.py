@@ -285,7 +285,8 @@ def run_cell(cell: Cell, cfg: Config, threads: int) -> dict:
     path = Path(cfg.results) / f"{cell.name}.json"
     if path.exists():
         old = json.loads(path.read_text())
-        diff = {k: (v, settings(cfg).get(k)) for k, v in old["settings"].items() if settings(cfg).get(k) != v}
+        diff = {k: (v, settings(cfg).get(k)) for k, v in old["settings"].items()
+                if k not in NOT_SETTINGS and settings(cfg).get(k) != v}  # old results may hold what is no setting now
         if diff:  # a setting added later (absent from old results) does not change what they computed
             raise ValueError(f"{path} was made with other settings {diff} (old, new): repeat its flags, or use "
                              "another --results and --out")

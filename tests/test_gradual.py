@@ -76,8 +76,11 @@ def test_a_finished_cell_is_skipped_and_one_made_with_other_settings_is_refused(
     cfg = tiny(tmp_path, tiny_dirs["llama"], curve_budgets="", seeds="1", baselines="")
     first = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
     assert set(first) == {"dense", "ptl-45-b12-s1"}, "one cell on its own, after the dense model it starts from"
+    path = Path(cfg.results) / "ptl-45-b12-s1.json"  # written before --seeds chose cells rather than settings
+    path.write_text(json.dumps({**first["ptl-45-b12-s1"], "settings": {**first["ptl-45-b12-s1"]["settings"],
+                                                                        "seeds": "1,2,3"}}))
     again = gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1"}))["cells"]
-    assert again["ptl-45-b12-s1"] == first["ptl-45-b12-s1"]
+    assert again["ptl-45-b12-s1"]["correct"] == first["ptl-45-b12-s1"]["correct"]
     with pytest.raises(ValueError, match="other settings.*recovery_lr"):
         gradual.main(gradual.Config(**{**vars(cfg), "cell": "ptl-45-b12-s1", "recovery_lr": 3e-4}))
     with pytest.raises(ValueError, match="no such cell"):
