@@ -123,7 +123,7 @@ def test_the_hierarchical_bootstrap_sees_seed_noise_and_problem_noise_within_eac
     assert one == pytest.approx(1.96 * problems_only[0].std() / math.sqrt(400), rel=0.15)
 
 
-@pytest.mark.parametrize("results", ["gradual", "gradual-first-dense"])
+@pytest.mark.parametrize("results", ["gradual", "gradual-first-dense", "gradual-step8"])
 def test_the_experiment_tables_are_what_the_committed_results_give(results, tmp_path):
     """Every table row of docs/gradual.md is recomputed from results/<dir>/*.json (a copy: table.md stays as it is)."""
     import shutil
