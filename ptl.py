@@ -974,11 +974,11 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, mome
     moments at the end when continuous, else None)"""
     import grpo
 
-    summaries = {}
+    summaries, continuous = {}, cfg.recovery_schedule == "continuous"  # cpt only (Config refuses the rest)
     for kind in cfg.recovery.split("+"):
         module = {"cpt": recover, "grpo": grpo}[kind]
         rc = cfg.flags_for(kind)
-        if cfg.recovery_schedule == "continuous":
+        if continuous:
             rc = replace(rc, samples=rounds * rc.samples, max_steps=rounds * rc.max_steps, window=f"{t}/{rounds}")
         else:
             rc = replace(rc, data_offset=(t - 1) * rc.samples)
@@ -988,7 +988,6 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, mome
         else:
             data = [grpo.question_answer(r, w) for w, r in
                     load_rows(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset, check=grpo.question_answer)]
-        continuous = cfg.recovery_schedule == "continuous"  # cpt only (Config refuses the rest)
         result = module.train(model, tok, data, rc, **({"moments": moments} if continuous else {}))
         model, carried = result.pop("model"), result.pop("moments", None)
         summaries[kind] = {"data": rc.data, "rows": [rc.data_offset, rc.data_offset + rc.samples], **result}
@@ -1075,10 +1074,10 @@ def plan_left(plan: dict, L: int, I: int) -> dict:
 def apply_plan(model, plan: dict, state: dict) -> dict:
     """Remove, in one round, every neuron and layer that `plan` does not keep (dense numbering; neurons first, as
     in prune_round; a layer that goes anyway gives up its last neurons). -> the round's record."""
-    keep = dict(zip(plan["kept_layers"], plan["kept_neurons"]))
+    keep = {o: set(kn) for o, kn in zip(plan["kept_layers"], plan["kept_neurons"])}
     k, rec = state["left"]["neurons"], None
     if k:
-        what = [torch.tensor([j for j, x in enumerate(kn) if x not in set(keep[o])] if o in keep else
+        what = [torch.tensor([j for j, x in enumerate(kn) if x not in keep[o]] if o in keep else
                              range(len(kn) - k, len(kn))) for o, kn in zip(state["kept_layers"], state["kept_neurons"])]
         rec = apply_removal(model, "neurons", what, state)
     if state["left"]["layers"]:
