@@ -56,11 +56,12 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, all_reduce_dict, alternate, atomic_write_json, cache_arg,
-                        chat_prompt, check_ranges, check_read, cleanup_dist, count_params, decode, eos_ids,
-                        finished_rounds, flag, human, is_main, last_boxed, load_config, load_model, load_record,
-                        math_equal, pad_id, parse_config, print0, question_answer, read_jsonl, repeat_cache,
-                        returned_cache, run_cli, setup_dist, shares_prefix, spread, unshadow_evaluate)
+from ptl_common import (all_reduce_dict, alternate, atomic_write_json, check_ranges, check_read, cleanup_dist,
+                        count_params, finished_rounds, flag, human, is_main, load_record, parse_config, print0, run_cli,
+                        setup_dist, spread, unshadow_evaluate)
+from fast import cache_arg, decode, eos_ids, repeat_cache, returned_cache, shares_prefix
+from data import chat_prompt, last_boxed, math_equal, OfflineReasoning, pad_id, question_answer, read_jsonl
+from models import DEFAULT_MODEL, load_config, load_model
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -75,7 +76,7 @@ BENCHMARKS = {
     "gsm8k": Benchmark("gsm8k/test.jsonl", "openai/gsm8k:main", "gsm8k", "gsm8k_cot"),
     "minerva_math": Benchmark("minerva_math/test.jsonl", None, "boxed", "minerva_math"),
     "math500": Benchmark("math500/test.jsonl", "HuggingFaceH4/MATH-500", "boxed", "minerva_math500"),
-    "offline": Benchmark(None, None, "boxed", None),  # held-out generated arithmetic (ptl_common.held_out)
+    "offline": Benchmark(None, None, "boxed", None),  # held-out generated arithmetic (data.held_out)
     "mbpp": Benchmark("mbpp/test.jsonl", "google-research-datasets/mbpp:full", "code", "mbpp"),  # Table 4
     "squad": Benchmark("squad/validation.jsonl", "rajpurkar/squad", "squad", None, "validation"),  # Table 5 (v1.1)
 }
@@ -196,7 +197,7 @@ def benchmark_file(name: str, data_dir: str) -> Path:
 def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Row]:
     """(question, gold answer, reference solution) rows of a benchmark in file order: from --data-dir (the
     ../shared/data layout) or, without it, the hub; `offline` is generated (the held-out split of
-    ptl_common.OfflineReasoning)."""
+    data.OfflineReasoning)."""
     if name not in BENCHMARKS:
         raise ValueError(f"unknown task {name!r}; choose from {sorted(BENCHMARKS)}")
     hub = BENCHMARKS[name].hub
@@ -222,7 +223,7 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Row]:
 def benchmark_row(name: str, rec: dict, where: str) -> Row:
     """One record as a Row: MBPP's prompt as lm-eval renders it, its asserts and its reference code; SQuAD's
     passage and question, the list of its gold answers, the first of them as reference; the math benchmarks'
-    question and answer (ptl_common.question_answer), the record's worked solution as reference (GSM8K's `answer`,
+    question and answer (data.question_answer), the record's worked solution as reference (GSM8K's `answer`,
     MATH's `solution`)."""
     try:
         if name == "mbpp":
@@ -263,7 +264,7 @@ def lm_eval_tasks_dir() -> Path:
 def fewshot(name: str) -> tuple[list[tuple[str, str]], str, list[str], str]:
     """(worked examples as (question, solution), query template, stop strings, the delimiter between a question
     and its solution) of lm-eval's task for `name`; `offline` is zero-shot in the training format of its train
-    split (ptl_common.record_text); SQuAD is lm-eval squadv2's zero-shot prompt, answered up to the newline."""
+    split (data.record_text); SQuAD is lm-eval squadv2's zero-shot prompt, answered up to the newline."""
     if name == "offline":
         return [], "Question: {q} Answer:", ["Question:"], " "
     if name == "squad":
@@ -373,9 +374,9 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
     """Greedy completions of `prompts`, cut at the first stop string -> (texts, (prompt, generated) lengths).
 
     The longest token prefix that all prompts share (the few-shot examples) is run once, so only the questions are
-    prefilled; rows attend to its KV cache through ptl_common.prefix_attention where the model allows, else each
+    prefilled; rows attend to its KV cache through fast.prefix_attention where the model allows, else each
     group of rows starts from a copy of it. Prompts enter longest first, `batch_size` at a time, and a finished
-    row's slot is refilled with the next prompt (see ptl_common.decode)."""
+    row's slot is refilled with the next prompt (see fast.decode)."""
     if not prompts:
         return [], []
     dev = next(model.parameters()).device
@@ -682,7 +683,7 @@ class Config:
                                     "(teacher-forced mean log-probability of each question's reference solution; no "
                                     "generation)")
     data_dir: str = flag("", "local benchmark files in the layout of ../shared/data (empty: the hub)")
-    engine: Literal["builtin", "lm-eval"] = flag("builtin", "builtin: batched greedy decoding (ptl_common.decode); "
+    engine: Literal["builtin", "lm-eval"] = flag("builtin", "builtin: batched greedy decoding (fast.decode); "
                                                             "lm-eval: lm_eval.simple_evaluate on the same model")
     prompt: Literal["fewshot", "chat"] = flag("fewshot", "lm-eval's few-shot prompts, or zero-shot R1-style through "
                                                          "the chat template")

@@ -58,10 +58,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, OfflineReasoning, Sampling, all_reduce_, all_reduce_dict, cache_arg,
-                        chat_prompt, check_out, check_ranges, cleanup_dist, decode, flag, last_boxed, load_model,
-                        load_rows, math_equal, positions, question_answer, repeat_cache, returned_cache, run_cli,
-                        setup_dist)
+from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, setup_dist
+from fast import cache_arg, decode, positions, repeat_cache, returned_cache, Sampling
+from data import chat_prompt, last_boxed, load_rows, math_equal, OfflineReasoning, question_answer
+from models import DEFAULT_MODEL, load_model
 from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -300,7 +300,7 @@ class Config:
     gen_batch: int = flag(0, "prompts per decoding batch (0: all of a rank's prompts; with --rollout-engine hf, "
                              "1 makes rollouts independent of world size)")
     rollout_engine: Literal["builtin", "hf"] = flag(
-        "builtin", "builtin: ptl_common.decode (one prefill per prompt, finished rows leave the batch, a generator "
+        "builtin", "builtin: fast.decode (one prefill per prompt, finished rows leave the batch, a generator "
                    "per response); hf: transformers' generate")
     lr: float = flag(1e-6, "constant [paper]")
     weight_decay: float = flag(1e-2, "[released]")

@@ -45,9 +45,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
 
-from ptl_common import (DEFAULT_MODEL, Dist, all_reduce_, atomic_dir, atomic_write_json, barrier, check_out,
-                        check_ranges, cleanup_dist, flag, is_main, load_model, load_texts, nonfinite, pad_id, print0,
-                        run_cli, setup_dist, sha256)
+from ptl_common import (all_reduce_, atomic_dir, atomic_write_json, barrier, check_out, check_ranges, cleanup_dist,
+                        Dist, flag, is_main, nonfinite, print0, run_cli, setup_dist, sha256)
+from data import load_texts, pad_id
+from models import DEFAULT_MODEL, load_model
 
 # ----------------------------------------------------------------------------- pure functions
 

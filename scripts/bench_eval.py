@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
-from ptl_common import DEFAULT_MODEL, import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
+from ptl_common import import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
+from models import DEFAULT_MODEL  # noqa: E402
 
 
 @dataclass
@@ -36,7 +37,7 @@ class Config:
 
 
 def run(cfg: Config) -> dict:
-    from ptl_common import load_model
+    from models import load_model
 
     ev = import_evaluate()
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
@@ -54,7 +55,7 @@ def profile(cfg: Config) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from ptl_common import load_model
+    from models import load_model
 
     ev = import_evaluate()
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")

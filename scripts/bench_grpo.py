@@ -3,7 +3,7 @@ response length, sampling, lr, KL coefficient, clip range, loss aggregation and 
 step split into generation and the rest (scoring, log-probs, update), and the reward of every step.
 
 Each side runs in its own subprocess, alternated A B C A B C, so ratios are measured side by side on a noisy
-machine. Sides: `ours` is grpo.py as shipped (rollouts on ptl_common.decode: each prompt prefilled once for its
+machine. Sides: `ours` is grpo.py as shipped (rollouts on fast.decode: each prompt prefilled once for its
 G responses, finished responses leave the batch); `ours-hf` is grpo.py with --rollout-engine hf (one generate call
 for all of a step's prompts, as TRL makes).
 TRL is not a dependency of ptl: `pip install trl` to run this.
@@ -26,7 +26,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sides import emit, run_sides  # noqa: E402
-from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
+from ptl_common import parse_config  # noqa: E402
+from models import DEFAULT_MODEL  # noqa: E402
 
 
 @dataclass
@@ -48,7 +49,8 @@ class Config:
 
 def setup(cfg: Config):
     """Model, tokenizer and the (question, answer) rows, in the order grpo.py visits them in epoch 0."""
-    from ptl_common import load_model, load_rows, question_answer
+    from data import load_rows, question_answer
+    from models import load_model
 
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     n = cfg.prompts * cfg.steps

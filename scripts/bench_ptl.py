@@ -24,8 +24,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import ptl  # noqa: E402
-from ptl_common import (DEFAULT_MODEL, alternate, count_params, load_model, load_texts, make_batches,  # noqa: E402
-                        parse_config)
+import ptl_common  # noqa: E402
+from ptl_common import alternate, count_params, parse_config  # noqa: E402
+from data import load_texts, make_batches
+from models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 @dataclass
@@ -83,7 +85,7 @@ def calibration_overhead(model, batches, cfg) -> dict:
 def literal_eq2(model, batches, cfg) -> dict:
     """Eq. 2 as written: for neuron N of layer l, max over tokens of ||f_l(h) - f_{l\\N}(h)||_2, by re-running
     layer l with N's down_proj column zeroed. Inputs h of each layer are captured once (free for Eq. 2)."""
-    layers = ptl.decoder_layers(model)
+    layers = ptl_common.decoder_layers(model)
     L, I = len(layers), model.config.intermediate_size
     chosen = torch.linspace(0, L - 1, cfg.eq2_layers).long().tolist()
     cap = {}  # per layer: [(args, kwargs, output)] for every batch
@@ -102,7 +104,7 @@ def literal_eq2(model, batches, cfg) -> dict:
     neurons = torch.randperm(I, generator=torch.Generator().manual_seed(0))[: cfg.eq2_neurons].tolist()
     eq2, t0 = {}, time.perf_counter()
     for l in chosen:
-        down = ptl.ffn(layers[l])[2]
+        down = ptl_common.ffn(layers[l])[2]
         for j in neurons:
             col = down.weight[:, j].clone()
             down.weight[:, j] = 0

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from sides import MATMULS, LivePeak, emit, held_mb, op_shares, peak_rss_mb, reset_peak_rss, run_sides  # noqa: E402
-from ptl_common import DEFAULT_MODEL, parse_config  # noqa: E402
+from ptl_common import parse_config  # noqa: E402
+from models import DEFAULT_MODEL  # noqa: E402
 
 
 @dataclass
@@ -56,7 +57,7 @@ class Config:
 def pack_texts(tok, cfg: Config) -> tuple[list[str], dict]:
     """(texts, blocks): cfg.samples offline texts, each ended by EOS, packed into cfg.max_length blocks."""
     import recover
-    from ptl_common import load_texts
+    from data import load_texts
 
     texts = load_texts("offline", n=cfg.samples, seed=0)
     docs = [ids + [tok.eos_token_id] for ids in tok(texts)["input_ids"]]
@@ -65,7 +66,7 @@ def pack_texts(tok, cfg: Config) -> tuple[list[str], dict]:
 
 
 def blocks(cfg: Config):
-    from ptl_common import load_model
+    from models import load_model
 
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     return model, tok, *pack_texts(tok, cfg)
@@ -76,7 +77,7 @@ def check_data(cfg: Config) -> None:
     differently, so their losses would part there for a reason that has nothing to do with either trainer."""
     from transformers import AutoTokenizer
 
-    from ptl_common import resolve_model
+    from models import resolve_model
 
     have = len(pack_texts(AutoTokenizer.from_pretrained(resolve_model(cfg.model)), cfg)[1]["input_ids"])
     need = cfg.steps * cfg.global_batch

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import ptl  # noqa: E402
-from ptl_common import (DEFAULT_MODEL, count_params, flag, import_evaluate, load_model, load_texts,  # noqa: E402
-                        make_batches, run_cli)
+import slicegpt  # noqa: E402
+from ptl_common import count_params, flag, import_evaluate, run_cli  # noqa: E402
+from data import load_texts, make_batches
+from models import DEFAULT_MODEL, load_model  # noqa: E402
 
 
 @dataclass
@@ -56,10 +57,10 @@ def main(cfg: Config) -> dict:
     texts = load_texts("offline", n=cfg.calib_samples + cfg.eval_samples, seed=0)
     calib, held_out = (make_batches(tok, t, max_length=cfg.max_length, batch_size=cfg.batch_size)
                        for t in (texts[:cfg.calib_samples], texts[cfg.calib_samples:]))
-    width = ptl.slice_width(model, cfg.target_ratio)
+    width = slicegpt.slice_width(model, cfg.target_ratio)
     variants = {"rotation only": copy.deepcopy(model), f"sliced to {width}": copy.deepcopy(model)}
     for (name, m), w in zip(variants.items(), (model.config.hidden_size, width)):
-        ptl.slice_model(m, calib, w)
+        slicegpt.slice_model(m, calib, w)
     acc = {name: {} for name in variants}
     for b in held_out:
         ref = model(**b).logits.float()

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import char_tokenizer
+import models
 import ptl_common
-from ptl_common import (OfflineReasoning, atomic_dir, atomic_write_json, held_out, load_texts, make_batches,
-                        offline_reasoning, parse_config, record_text)
+from ptl_common import atomic_dir, atomic_write_json, parse_config
+from data import held_out, load_texts, make_batches, offline_reasoning, OfflineReasoning, record_text
 
 
 def test_offline_reasoning_is_deterministic_and_its_arithmetic_is_right():
@@ -57,7 +58,7 @@ def test_hub_specs_name_a_config_or_a_subfolder(monkeypatch):
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda repo, **kw: calls.append((repo, kw)) or [{"text": "t"}])
-    monkeypatch.setattr(ptl_common, "hub_unreachable", lambda: False)
+    monkeypatch.setattr(models, "hub_unreachable", lambda: False)
     load_texts("a/b:cfg,c/d:data_dir=python,e/f", n=3, seed=0)
     assert calls == [("a/b", {"split": "train", "name": "cfg"}), ("c/d", {"split": "train", "data_dir": "python"}),
                      ("e/f", {"split": "train", "name": None})]

@@ -1,4 +1,4 @@
-"""ptl_common.decode is the spec for every generation: greedy equals transformers' generate, sampling filters
+"""fast.decode is the spec for every generation: greedy equals transformers' generate, sampling filters
 tokens exactly as transformers' warpers do and draws from what is left, and a rollout does not depend on its batch."""
 import math
 
@@ -12,8 +12,9 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 import grpo
 
 from conftest import char_tokenizer, tiny_config, tiny_model
-from ptl_common import (DEFAULT_MODEL, GROWING, Sampling, attention_implementation, cache_arg, decode, next_tokens,
-                        prefix_attention_name, repeat_cache, returned_cache, shares_prefix)
+from fast import (attention_implementation, cache_arg, decode, GROWING, next_tokens, prefix_attention_name,
+                  repeat_cache, returned_cache, Sampling, shares_prefix)
+from models import DEFAULT_MODEL
 
 PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]
 
@@ -138,7 +139,7 @@ def test_both_rollout_engines_sample_the_same_distribution():
 
 @pytest.mark.slow
 def test_greedy_rollouts_equal_generate_on_the_default_model():
-    from ptl_common import load_model
+    from models import load_model
 
     model, tok = load_model(DEFAULT_MODEL, dtype="float32")
     prompts = [grpo.render(tok, q, "fewshot") for q in ("What is 17 + 25?", "A dog and a hen: how many legs?")]

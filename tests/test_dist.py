@@ -8,6 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import ptl_common
+import data
+import models
 from conftest import assert_trained_alike, logits, padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def test_two_ranks_prune_and_recover_like_one(fsdp, tiny_dirs, tmp_path):
     ra, rb = (ptl_common.load_record(d / "round_2") for d in (one, two))
     assert ra["removed_neurons"] == rb["removed_neurons"] and rb["recovery"]["cpt"]["world"] == 2
     for t in (1, 2):  # every step's all-reduced loss matches the single-process loss
-        la, lb = ([r["loss"] for _, r in ptl_common.read_jsonl(d / f"round_{t}" / "cpt_metrics.jsonl")]
+        la, lb = ([r["loss"] for _, r in data.read_jsonl(d / f"round_{t}" / "cpt_metrics.jsonl")]
                   for d in (one, two))
         assert la == pytest.approx(lb, rel=1e-5) and len(la) == 3
     a, b = (load_file(d / "round_2" / "model.safetensors") for d in (one, two))
@@ -70,5 +72,5 @@ def test_two_ranks_slice_like_one(tiny_dirs, tmp_path):
     a, b = (load_file(d / "round_1" / "scores.safetensors")["pca_eigenvalues"] for d in (one, two))
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # the covariances are summed over ranks
     batch = padded_batch(0)  # an eigenvector's sign is arbitrary, so compare what the two models compute
-    x, y = (logits(ptl_common.load_model(str(d / "round_1"), attn="eager")[0], batch) for d in (one, two))
+    x, y = (logits(models.load_model(str(d / "round_1"), attn="eager")[0], batch) for d in (one, two))
     torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)

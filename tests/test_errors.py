@@ -9,6 +9,8 @@ import pytest
 import grpo
 import ptl
 import ptl_common
+import data
+import models
 import recover
 
 ev = ptl_common.import_evaluate()
@@ -120,7 +122,7 @@ def test_an_update_that_leaves_a_weight_non_finite_stops_the_run_and_saves_nothi
     monkeypatch.setattr(recover, "train_step", diverge)
     cfg = recover.Config(out=str(tmp_path), max_length=32, global_batch=2, micro_batch=2, max_steps=2, save_every=1)
     with pytest.raises(FloatingPointError, match="weights are not finite after the last update"):
-        recover.train(tiny_model("llama", layers=1), char_tokenizer(), ptl_common.load_texts("offline", n=8, seed=0),
+        recover.train(tiny_model("llama", layers=1), char_tokenizer(), data.load_texts("offline", n=8, seed=0),
                       cfg)
     assert not (tmp_path / "model.safetensors").exists() and not list((tmp_path / "checkpoints").glob("step_*"))
 
@@ -136,7 +138,7 @@ def test_a_model_with_non_finite_weights_is_refused_where_it_loads(tmp_path):
     model.save_pretrained(tmp_path)
     char_tokenizer().save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="1 weight tensors hold NaN or inf .first: model.norm.weight."):
-        ptl_common.load_model(str(tmp_path))
+        models.load_model(str(tmp_path))
 
 
 def test_grpo_refuses_prompts_its_length_limit_would_cut_and_empty_questions():
@@ -145,7 +147,7 @@ def test_grpo_refuses_prompts_its_length_limit_would_cut_and_empty_questions():
     with pytest.raises(ValueError, match="--max-prompt-length 5: 1 of the 2 prompts are longer .the longest: 11"):
         grpo.check_prompt_lengths(char_tokenizer(), ["abc", "abcdefghij"], grpo.Config(max_prompt_length=5))
     with pytest.raises(ValueError, match="data.jsonl:3: .* needs a non-empty question"):
-        ptl_common.question_answer({"question": " ", "answer": "3"}, "data.jsonl:3")
+        data.question_answer({"question": " ", "answer": "3"}, "data.jsonl:3")
 
 
 def test_evaluate_checks_every_benchmark_file_and_its_out_before_any_model_loads(tmp_path, monkeypatch):
@@ -192,7 +194,7 @@ def test_offline_a_hub_name_fails_at_once_in_one_line_naming_what_to_pass_instea
                                                                                     tmp_path):
     import time
 
-    monkeypatch.setattr(ptl_common, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(models, "hub_unreachable", lambda: True)
     for argv, hint in ((["--model", "someorg/not-a-model"], "use --model smollm2-135m"),
                        (["--model", tiny_dirs["llama"], "--calib-data", "someorg/not-a-dataset"], "use `offline`")):
         t0 = time.monotonic()
@@ -204,10 +206,10 @@ def test_offline_a_hub_name_fails_at_once_in_one_line_naming_what_to_pass_instea
 
 
 def test_hub_offline_mode_chosen_by_the_user_is_left_to_the_libraries(monkeypatch):
-    ptl_common.hub_unreachable.cache_clear()
+    models.hub_unreachable.cache_clear()
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert ptl_common.hub_unreachable() is False
-    ptl_common.hub_unreachable.cache_clear()
+    assert models.hub_unreachable() is False
+    models.hub_unreachable.cache_clear()
 
 
 def test_a_device_that_is_not_one_or_not_here_is_one_line_not_a_traceback():

@@ -16,7 +16,9 @@ from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
 import ptl
+import slicegpt
 import ptl_common
+import data
 from conftest import ARCHS, char_tokenizer, tiny_model
 
 ev = ptl_common.import_evaluate()
@@ -146,7 +148,7 @@ def test_both_engines_make_the_same_generations_and_extract_the_same_answers(sli
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     model, tok = tiny_model("llama", layers=2, max_position_embeddings=4096), char_tokenizer()
     if sliced:  # a SliceGPT model goes through lm-eval's HFLM like a stock one
-        ptl.slice_model(model, [tok(["Tom has 3 apples.", "How many?"], return_tensors="pt", padding=True)], 16)
+        slicegpt.slice_model(model, [tok(["Tom has 3 apples.", "How many?"], return_tensors="pt", padding=True)], 16)
     cfg = ev.Config(tasks="gsm8k", data_dir=str(_gsm8k_dir(tmp_path)), limit=3, max_new_tokens=24, batch_size=2,
                     device="cpu")
     ours = ev.evaluate_model(model, tok, cfg)["gsm8k"]
@@ -253,8 +255,8 @@ def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(
 
 def test_the_offline_benchmark_is_the_held_out_split_asked_zero_shot_in_the_training_format():
     rows = ev.load_benchmark("offline", "", limit=6)
-    assert len(rows) == 6 and all(ptl_common.held_out(r.question) for r in rows)
-    test = ptl_common.OfflineReasoning(0, split="test")
+    assert len(rows) == 6 and all(data.held_out(r.question) for r in rows)
+    test = data.OfflineReasoning(0, split="test")
     assert rows == [(test[i]["question"], test[i]["final"], test[i]["answer"]) for i in range(6)]
     prompts, stop = ev.build_prompts("offline", [rows[0][0]], char_tokenizer(), "fewshot")
     assert prompts == [f"Question: {rows[0][0]} Answer:"] and stop == ["Question:"]

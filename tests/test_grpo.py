@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 import grpo
 from conftest import assert_trained_alike, char_tokenizer, tiny_model
-from ptl_common import load_rows
+from data import load_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [grpo.question_answer(r, w) for w, r in load_rows("offline-easy", n=64, seed=0, check=grpo.question_answer)]

@@ -176,8 +176,8 @@ def test_a_remainder_under_half_a_step_joins_the_last_neuron_round(budget, steps
 def test_sigma_neuron_removes_exactly_the_never_active_neurons_then_stops(tmp_path):
     model = tiny_model("llama", layers=4, inter=40)
     with torch.no_grad():
-        for layer in ptl.decoder_layers(model):
-            ptl.ffn(layer)[1].weight[[5, 17, 30]] = 0  # Act = 0 for every token
+        for layer in ptl_common.decoder_layers(model):
+            ptl_common.ffn(layer)[1].weight[[5, 17, 30]] = 0  # Act = 0 for every token
     result = run(save(model, tmp_path / "m"), tmp_path / "out", target_ratio=0.0, sigma_neuron=0.0)
     assert result["rounds"] == 1, "round 2 finds nothing under sigma and the loop ends"
     assert records(tmp_path / "out")[0]["removed_neurons"] == {str(l): [5, 17, 30] for l in range(4)}
@@ -187,8 +187,8 @@ def test_sigma_neuron_removes_exactly_the_never_active_neurons_then_stops(tmp_pa
 def test_the_taylor_rule_removes_neurons_without_weights_first_also_in_one_cut(variant, tmp_path):
     model = tiny_model("llama", layers=4, inter=40)
     with torch.no_grad():
-        for layer in ptl.decoder_layers(model):
-            gate, up, down = ptl.ffn(layer)
+        for layer in ptl_common.decoder_layers(model):
+            gate, up, down = ptl_common.ffn(layer)
             gate.weight[[5, 17, 30]], up.weight[[5, 17, 30]], down.weight[:, [5, 17, 30]] = 0, 0, 0
     m = save(model, tmp_path / "m")
     run(m, tmp_path / "ptl", neuron_rule="taylor", taylor_variant=variant, neuron_step=3 / 40, rounds=1)
@@ -201,10 +201,10 @@ def test_the_taylor_rule_removes_neurons_without_weights_first_also_in_one_cut(v
 
 def test_sigma_layer_removes_the_identity_layer(tmp_path):
     model = tiny_model("gemma2", layers=4, inter=40)
-    layer = ptl.decoder_layers(model)[2]
+    layer = ptl_common.decoder_layers(model)[2]
     with torch.no_grad():
         layer.self_attn.o_proj.weight.zero_()
-        ptl.ffn(layer)[2].weight.zero_()
+        ptl_common.ffn(layer)[2].weight.zero_()
     run(save(model, tmp_path / "m"), tmp_path / "out", order="lay-neu", target_ratio=0.0, sigma_layer=1e-6, rounds=1)
     rec = records(tmp_path / "out")[0]
     assert rec["removed_layers"] == [2] and rec["scores"]["layer"][2] == 0
@@ -237,8 +237,8 @@ def released_procedure(model, tok, math: list[str], english: list[str], n: int, 
             ids = tok(text, return_tensors="pt")["input_ids"]
             ids = torch.cat([ids, ids[:, -1:]], dim=1)  # their generate(): input_ids + input_ids[:, -1:]
             seen, handles = {}, []
-            for l, layer in enumerate(ptl.decoder_layers(model)):
-                gate, up, down = ptl.ffn(layer)
+            for l, layer in enumerate(ptl_common.decoder_layers(model)):
+                gate, up, down = ptl_common.ffn(layer)
                 handles += [gate.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 0), o[0, -1])),
                             up.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 1), o[0, -1])),
                             down.register_forward_hook(lambda m, a, o, l=l: seen.__setitem__((l, 2), a[0][0, -1]))]
@@ -252,7 +252,7 @@ def released_procedure(model, tok, math: list[str], english: list[str], n: int, 
         return common
 
     m, e = sets(math, largest=False), sets(english, largest=True)
-    L = len(ptl.decoder_layers(model))
+    L = len(ptl_common.decoder_layers(model))
     candidates = {l: sorted(set().union(*(m[l, p] - e[l, p] for p in range(3)))) for l in range(L)}
     assert all(len(c) >= k for c in candidates.values()), "their code needs k candidates per layer"
     return {l: c[:k] for l, c in candidates.items()}
@@ -436,11 +436,11 @@ def test_shortgpt_removes_exactly_the_lowest_block_influence_layers_in_one_round
     model = tiny_model("llama", layers=6, inter=40)
     with torch.no_grad():
         for l in (1, 4):  # f_l(h) = h: Block Influence 1 - cos(h, h) = 0, the lowest possible
-            ptl.decoder_layers(model)[l].self_attn.o_proj.weight.zero_()
-            ptl.ffn(ptl.decoder_layers(model)[l])[2].weight.zero_()
+            ptl_common.decoder_layers(model)[l].self_attn.o_proj.weight.zero_()
+            ptl_common.ffn(ptl_common.decoder_layers(model)[l])[2].weight.zero_()
         for l in (0, 2, 3, 5):  # the others change h clearly
-            ptl.ffn(ptl.decoder_layers(model)[l])[2].weight.mul_(20)
-    per_layer = sum(p.numel() for p in ptl.decoder_layers(model)[0].parameters())
+            ptl_common.ffn(ptl_common.decoder_layers(model)[l])[2].weight.mul_(20)
+    per_layer = sum(p.numel() for p in ptl_common.decoder_layers(model)[0].parameters())
     ratio = 1.5 * per_layer / count_params(model)["total"]  # more than one layer's worth: two must go
     result = run(save(model, tmp_path / "m"), tmp_path / "out", baseline="shortgpt", target_ratio=ratio)
     rec = records(tmp_path / "out")[0]
@@ -459,8 +459,8 @@ def test_a_baseline_without_a_size_is_refused():
 def test_every_layer_criterion_ranks_an_identity_layer_least_important(rule, tmp_path):
     model = tiny_model("llama", layers=4, inter=40)
     with torch.no_grad():
-        ptl.decoder_layers(model)[2].self_attn.o_proj.weight.zero_()  # f_2(h) = h
-        ptl.ffn(ptl.decoder_layers(model)[2])[2].weight.zero_()
+        ptl_common.decoder_layers(model)[2].self_attn.o_proj.weight.zero_()  # f_2(h) = h
+        ptl_common.ffn(ptl_common.decoder_layers(model)[2])[2].weight.zero_()
     run(save(model, tmp_path / "m"), tmp_path / "out", order="lay-neu", layer_rule=rule, layer_target=1,
         target_ratio=0.0, rounds=1)
     rec = records(tmp_path / "out")[0]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import recover
 from conftest import assert_trained_alike, char_tokenizer, tiny_model
-from ptl_common import load_texts
+from data import load_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = load_texts("offline", n=24, seed=0)

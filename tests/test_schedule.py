@@ -9,7 +9,8 @@ from safetensors.torch import load_file
 import ptl
 import recover
 from conftest import ARCHS, char_tokenizer, tiny_model
-from ptl_common import load_model, load_texts
+from data import load_texts
+from models import load_model
 
 CPT = "--samples 8 --max-length 32 --global-batch 4 --micro-batch 2 --lr 3e-3 --warmup-ratio 0.2"
 SHAPE = dict(target_ratio=0.3, layer_target=1, neuron_step=0.1, calib_samples=8, max_length=48, batch_size=4)

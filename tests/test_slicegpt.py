@@ -13,9 +13,12 @@ from transformers import AutoModelForCausalLM
 
 import ptl
 import ptl_common
+import slicegpt
+import models
 import recover
 from conftest import char_tokenizer, logits, padded_batch, tiny_model
-from ptl_common import import_evaluate, load_texts
+from ptl_common import import_evaluate
+from data import load_texts
 
 ev = import_evaluate()
 
@@ -35,7 +38,7 @@ def assert_float_close(a: torch.Tensor, ref: torch.Tensor) -> None:
 
 def sliced(arch: str = "llama", width: int = 16, **kw):
     model = tiny_model(arch, **kw)
-    ptl.slice_model(model, calib(), width)
+    slicegpt.slice_model(model, calib(), width)
     return model
 
 
@@ -46,7 +49,7 @@ def test_rotation_without_slicing_leaves_logits_unchanged(arch, tied, kv_heads, 
     model = tiny_model(arch, seed=seed, tied=tied, kv_heads=kv_heads)
     batch = padded_batch(seed + 10, lengths)
     ref = real_logits(model, batch)
-    ptl.slice_model(model, calib() + [padded_batch(seed, lengths)], model.config.hidden_size)
+    slicegpt.slice_model(model, calib() + [padded_batch(seed, lengths)], model.config.hidden_size)
     assert type(model).__name__.startswith("SliceGPT") and not model.config.tie_word_embeddings
     assert_float_close(real_logits(model, batch), ref)
 
@@ -59,7 +62,7 @@ def test_folding_the_norms_alone_leaves_logits_and_the_embeddings_unchanged(arch
         torch.nn.init.uniform_(norm.weight, 0.5, 2.0)  # scales that matter
     emb, batch = model.get_input_embeddings().weight.clone(), padded_batch(0)
     ref = real_logits(model, batch)
-    ptl.fold_norms(model)
+    slicegpt.fold_norms(model)
     assert_float_close(real_logits(model, batch), ref)
     assert torch.equal(model.get_input_embeddings().weight, emb)  # the final norm went into the untied head only
     assert torch.equal(model.base_model.norm.weight, torch.ones_like(model.base_model.norm.weight))
@@ -68,7 +71,7 @@ def test_folding_the_norms_alone_leaves_logits_and_the_embeddings_unchanged(arch
 def test_a_narrowed_norm_computes_rmsn_over_the_dense_width():
     norm = tiny_model("llama").base_model.norm  # RMSNorm(32), eps 1e-6
     x = torch.tensor([[3.0, -4.0, 0.0, 12.0]])  # |x|^2 = 169; dense width d = 16
-    ptl.narrow_norm(norm, 4, 16)
+    slicegpt.narrow_norm(norm, 4, 16)
     expected = x / math.sqrt(169 / 16 + 1e-6)  # SliceGPT's RMSN: the mean is over d, not over the 4 kept
     torch.testing.assert_close(norm(x), expected)
 
@@ -78,7 +81,7 @@ def test_a_narrowed_norm_computes_rmsn_over_the_dense_width():
 def test_the_pca_basis_is_orthonormal_and_keeps_more_energy_than_any_other_basis_at_every_width(d, n, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g, dtype=torch.float64) * torch.linspace(3, 0.1, d, dtype=torch.float64)
-    _, Q = ptl.pca_basis(x.T @ x)
+    _, Q = slicegpt.pca_basis(x.T @ x)
     torch.testing.assert_close(Q.T @ Q, torch.eye(d, dtype=torch.float64))
     R = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q  # another orthonormal basis
     err = [((x - x @ Q[:, :w] @ Q[:, :w].T) ** 2).sum().item() for w in range(d + 1)]
@@ -89,9 +92,9 @@ def test_the_pca_basis_is_orthonormal_and_keeps_more_energy_than_any_other_basis
 
 def test_the_reconstruction_error_of_each_block_input_falls_as_the_kept_width_grows():
     model = tiny_model("llama", layers=2)
-    xs, kws, masks = ptl.block_inputs(model, calib())
+    xs, kws, masks = slicegpt.block_inputs(model, calib())
     x = torch.cat([h[m] for h, m in zip(xs, masks)]).double()  # layer 0's input, every real token (N, d)
-    vals, Q = ptl.pca_basis(ptl.signal_covariance(xs, masks), damp=0)
+    vals, Q = slicegpt.pca_basis(slicegpt.signal_covariance(xs, masks), damp=0)
     err = [((x - x @ Q[:, :w] @ Q[:, :w].T) ** 2).sum().item() for w in range(0, 33, 4)]
     assert all(a > b for a, b in zip(err, err[1:])) and err[-1] < 1e-8 * err[0]
     assert err[2] == pytest.approx(vals[8:].sum().item(), rel=1e-6)  # the energy of the directions sliced off
@@ -102,12 +105,12 @@ def test_save_then_load_gives_identical_logits_and_a_stock_loader_refuses_naming
     model = sliced(arch, 16, tied=arch == "llama")
     model.save_pretrained(tmp_path)
     char_tokenizer().save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == ptl_common.SLICED
-    again, _ = ptl_common.load_model(str(tmp_path), attn="eager")
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == slicegpt.SLICED
+    again, _ = models.load_model(str(tmp_path), attn="eager")
     batch = padded_batch(3)
     assert torch.equal(real_logits(again, batch), real_logits(model, batch))
     assert again.config.hidden_size == 16 and len(load_file(tmp_path / "model.safetensors")) == len(model.state_dict())
-    with pytest.raises(ValueError, match=ptl_common.SLICED):
+    with pytest.raises(ValueError, match=slicegpt.SLICED):
         AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
@@ -138,32 +141,32 @@ def test_recover_trains_a_sliced_model_and_saves_it_loadable(tmp_path):
     recover.train(model, tok, texts, cfg)
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < losses[0] - 0.3
-    again, _ = ptl_common.load_model(str(tmp_path))
+    again, _ = models.load_model(str(tmp_path))
     assert again.config.hidden_size == 16 and type(again).__name__.startswith("SliceGPT")
 
 
 def test_the_width_meets_the_target_and_the_parameter_formula_is_exact():
     model = tiny_model("llama", layers=3, tied=True)
     P0 = ptl_common.count_params(model)["total"]
-    w = ptl.slice_width(model, 0.3)
-    ptl.slice_model(model, calib(), w)
+    w = slicegpt.slice_width(model, 0.3)
+    slicegpt.slice_model(model, calib(), w)
     P = ptl_common.count_params(model)["total"]
     assert P <= 0.7 * P0 and w % model.config.num_attention_heads == 0
     wider = tiny_model("llama", layers=3, tied=True)
-    ptl.slice_model(wider, calib(), w + model.config.num_attention_heads)
+    slicegpt.slice_model(wider, calib(), w + model.config.num_attention_heads)
     assert ptl_common.count_params(wider)["total"] > 0.7 * P0  # the next width up would miss the target
 
 
 def test_unsupported_models_and_layer_removal_after_slicing_are_refused():
     with pytest.raises(ValueError, match="gemma2.*post_feedforward_layernorm"):
-        ptl.slice_model(tiny_model("gemma2"), calib(), 16)
+        slicegpt.slice_model(tiny_model("gemma2"), calib(), 16)
     model = sliced("llama", 16)
     with pytest.raises(ValueError, match="already sliced"):
-        ptl.slice_model(model, calib(), 8)
+        slicegpt.slice_model(model, calib(), 8)
     with pytest.raises(ValueError, match="basis"):
         ptl.drop_layers(model, [0])
     with pytest.raises(ValueError, match="multiple of the 4 attention heads"):
-        ptl.slice_model(tiny_model("llama"), calib(), 10)
+        slicegpt.slice_model(tiny_model("llama"), calib(), 10)
 
 
 def test_the_slicegpt_baseline_runs_end_to_end_recovers_reports_and_resumes(tiny_dirs, tmp_path):

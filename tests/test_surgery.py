@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
 import ptl
+import ptl_common
 from conftest import ARCHS, logits, padded_batch, tiny_model
 
 ATOL = 1e-5
@@ -57,8 +58,8 @@ def test_zero_activation_neurons_score_zero_and_removing_them_keeps_logits(m, k,
     model, zero = model_and_subsets(m, k, prec)
     (dtype, _, atol), k, I = prec, len(zero[0]), model.config.intermediate_size
     with torch.no_grad():  # up_proj row j = 0  =>  Act_j = act_fn(gate_j x) * 0 = 0 for every token
-        for layer, z in zip(ptl.decoder_layers(model), zero):
-            ptl.ffn(layer)[1].weight[z] = 0
+        for layer, z in zip(ptl_common.decoder_layers(model), zero):
+            ptl_common.ffn(layer)[1].weight[z] = 0
     batch = batch_for(m["seed"], lens, dtype)
     dense = logits(model, batch)
     scores = ptl.neuron_scores(model, [batch])
@@ -77,8 +78,8 @@ def test_pruned_model_equals_dense_model_with_those_neurons_zeroed(m, k, lens, p
     (dtype, _, atol), I = prec, model.config.intermediate_size
     reference = copy.deepcopy(model)
     with torch.no_grad():  # down_proj column j = 0 switches neuron j off without changing shapes
-        for layer, r in zip(ptl.decoder_layers(reference), removed):
-            ptl.ffn(layer)[2].weight[:, r] = 0
+        for layer, r in zip(ptl_common.decoder_layers(reference), removed):
+            ptl_common.ffn(layer)[2].weight[:, r] = 0
     ptl.prune_neurons(model, complement(removed, I))
     batch = batch_for(m["seed"], lens, dtype)
     got, want = (real(logits(m_, batch), batch) for m_ in (model, reference))
@@ -87,10 +88,10 @@ def test_pruned_model_equals_dense_model_with_those_neurons_zeroed(m, k, lens, p
 
 def make_identity(model, l: int) -> None:
     """Zero o_proj and down_proj: layer l adds nothing to the residual stream, so f_l(h) = h exactly."""
-    layer = ptl.decoder_layers(model)[l]
+    layer = ptl_common.decoder_layers(model)[l]
     with torch.no_grad():
         layer.self_attn.o_proj.weight.zero_()
-        ptl.ffn(layer)[2].weight.zero_()
+        ptl_common.ffn(layer)[2].weight.zero_()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -124,7 +125,7 @@ def test_padding_never_changes_a_score(arch, rule):
 def test_down_proj_input_is_the_eq3_activation():
     """The hook reads Act where HF computes it; check it is act_fn(W_gate x) * (W_up x)."""
     model = tiny_model("gemma2")  # GELU-tanh, not SiLU: the identity is not Llama-specific
-    mlp = ptl.decoder_layers(model)[1].mlp
+    mlp = ptl_common.decoder_layers(model)[1].mlp
     x = torch.randn(2, 5, model.config.hidden_size)
     seen = []
     h = mlp.down_proj.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
@@ -156,11 +157,11 @@ def test_config_and_bookkeeping_follow_the_surgery():
     types = list(model.config.layer_types)
     ptl.prune_neurons(model, [torch.arange(10)] * 5)
     ptl.drop_layers(model, [1, 2])
-    cfg, layers = model.config, ptl.decoder_layers(model)
+    cfg, layers = model.config, ptl_common.decoder_layers(model)
     assert (cfg.intermediate_size, cfg.num_hidden_layers) == (10, 3)
     assert cfg.layer_types == [types[0], types[3], types[4]]
     assert [layer.self_attn.layer_idx for layer in layers] == [0, 1, 2]
-    assert all(tuple(lin.weight.shape) in {(10, 32), (32, 10)} for layer in layers for lin in ptl.ffn(layer))
+    assert all(tuple(lin.weight.shape) in {(10, 32), (32, 10)} for layer in layers for lin in ptl_common.ffn(layer))
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr(), "embeddings stay tied"
 
@@ -179,7 +180,7 @@ def test_qwen_max_window_layers_counts_the_kept_full_attention_layers():
 ])
 def test_unsupported_architectures_raise_an_error_naming_the_model_type(model, name):
     with pytest.raises(ValueError, match=f"unsupported architecture '{name}'"):
-        ptl.check_supported(model)
+        ptl_common.check_supported(model)
 
 
 @pytest.mark.parametrize("bad_keep", [
@@ -203,13 +204,13 @@ def test_dropping_every_layer_or_a_missing_one_is_refused(drop):
     model = tiny_model("llama")
     with pytest.raises(ValueError):
         ptl.drop_layers(model, drop)
-    assert len(ptl.decoder_layers(model)) == model.config.num_hidden_layers == 3
+    assert len(ptl_common.decoder_layers(model)) == model.config.num_hidden_layers == 3
 
 
 def test_nan_activations_stop_scoring_with_a_clear_error():
     model = tiny_model("llama")
     with torch.no_grad():
-        ptl.ffn(ptl.decoder_layers(model)[1])[0].weight[0, 0] = float("nan")
+        ptl_common.ffn(ptl_common.decoder_layers(model)[1])[0].weight[0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         ptl.neuron_scores(model, [padded_batch()])
 
@@ -220,7 +221,7 @@ def test_nan_activations_stop_scoring_with_a_clear_error():
 @pytest.mark.parametrize("variant", ["element", "vector"])
 def test_a_neuron_whose_weights_are_all_zero_has_taylor_score_zero(variant):
     model = tiny_model("llama", tied=False)
-    gate, up, down = ptl.ffn(ptl.decoder_layers(model)[1])
+    gate, up, down = ptl_common.ffn(ptl_common.decoder_layers(model)[1])
     with torch.no_grad():
         gate.weight[5], up.weight[5], down.weight[:, 5] = 0, 0, 0
     s = ptl.taylor_neuron_scores(model, [padded_batch(0), padded_batch(1)], variant=variant)
@@ -235,7 +236,7 @@ def test_the_vector_wise_taylor_score_is_the_loss_slope_of_scaling_each_matrix_o
     batches = [padded_batch(0, lengths=(9, 9)), padded_batch(2, lengths=(6,))]  # float64 Qwen2 NaNs on padding
     tokens = sum(int(ptl.calib_loss(model, b)[1]) for b in batches)  # the labelled tokens the score is divided by
     score = ptl.taylor_neuron_scores(model, batches, variant="vector").double() * tokens
-    gate, up, down = ptl.ffn(ptl.decoder_layers(model)[0])
+    gate, up, down = ptl_common.ffn(ptl_common.decoder_layers(model)[0])
 
     def loss() -> float:  # calib_loss's sum, kept in float64
         total = 0.0
