@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -54,6 +53,7 @@ from ptl_common import (all_reduce_, atomic_write_json, barrier, check_out, chec
                         verify_checkpoint)
 from data import load_rows, load_texts, make_batches
 from models import DEFAULT_MODEL, load_config, load_model
+import baselines
 import recover
 from ptl_common import check_supported, decoder_layers, ffn, hidden_in
 from slicegpt import check_sliceable, slice_model, slice_width
@@ -99,11 +99,6 @@ def layer_change(h: torch.Tensor, f_h: torch.Tensor) -> torch.Tensor:
     return (f_h.float() - h.float()).norm(dim=-1)
 
 
-def block_influence(h: torch.Tensor, f_h: torch.Tensor) -> torch.Tensor:
-    """ShortGPT (Men et al., 2024, Eq. 1): BI_l = 1 - cos(h_{l-1}, f_l(h_{l-1})) per token. -> (B, T) fp32"""
-    return 1 - F.cosine_similarity(h.float(), f_h.float(), dim=-1)
-
-
 def redundant_layers(s: torch.Tensor, sigma: float) -> list[int]:
     """Eq. 6: R_L = {l : ||f_l(h) - h||_2 <= sigma_layer}, over layer scores s (L,)."""
     return (s <= sigma).nonzero().flatten().tolist()
@@ -114,67 +109,16 @@ def lowest(s: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(s, stable=True).indices[:k]
 
 
-def released_scores(counts: torch.Tensor, n: int, lang: torch.Tensor | None = None, n_lang: int = 0) -> torch.Tensor:
-    """The authors' released rule as a score (lower = pruned first), (L, 3, I) counts -> (L, I).
-
-    Per layer, for each part p in {gate_proj output, up_proj output, Act}: C_p = the neurons in the bottom-n
-    of the *signed* values at the last token of every math sample (intersection), G_p = those in the
-    top-n of every general-text sample ("language neurons"). Candidates = U_p (C_p \\ G_p); the code removes
-    the k lowest *indices* among them. Here counts[l, p, j] = #samples with j in part p's bottom-n, and
-    score_j = min_p (n - counts), +inf where j is in G_p: candidates score 0, so a stable sort removes the
-    lowest candidate indices first, as released. With fewer than k candidates the next neurons are those in
-    the bottom-n of the most samples (the released code would fail to load the model instead)."""
-    s = (n - counts).float()
-    if lang is not None and n_lang > 0:
-        s[lang == n_lang] = math.inf
-    return s.amin(dim=1)
-
-
-def protect_top(s: torch.Tensor, general: torch.Tensor, frac: float) -> torch.Tensor:
-    """Language protection for Eq. 4 scores: each layer's top `frac` neurons by their general-text score
-    are never pruned (score +inf). s, general (L, I)."""
-    n = int(frac * s.shape[1])
-    return s.scatter(1, general.topk(n, dim=1).indices, math.inf) if n else s
-
-
-def top_count(n: float, width: int) -> int:
-    """The released rule's n for a layer of `width` neurons: n < 1 is a fraction of the width, else a count."""
-    count = max(1, int(n * width)) if n < 1 else int(n)
-    if count >= width:
-        raise ValueError(f"--released-top-n {n} leaves no neuron outside the bottom-n of a {width}-wide layer")
-    return count
-
-
-def append_last_token(batch: dict) -> dict:
-    """The released rule's input: each right-padded row of (B, T) with a copy of its last real token written
-    after it -> (B, T + 1). The authors' customised generate() forwards cat(input_ids, input_ids[:, -1:]) and
-    their hooks read position -1, which is this copy, not the text's real last token."""
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    n, rows = mask.sum(1), torch.arange(len(ids))  # (B,) real lengths
-    ids, mask = F.pad(ids, (0, 1)), F.pad(mask, (0, 1))  # room for the copy after the longest row
-    ids[rows, n], mask[rows, n] = ids[rows, n - 1], 1
-    return {**batch, "input_ids": ids, "attention_mask": mask}
-
-
 # ----------------------------------------------------------------------------- calibration passes
 
 
-def score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top: int, largest: bool) -> list:
-    """Forward hooks that accumulate score_pass's scores into neu (L, I) | (L, 3, I) and lay (L,) as batches pass;
+def score_hooks(layers, metric, neu, lay, st) -> list:
+    """Forward hooks that accumulate score_pass's scores into neu (L, I) (unless None) and lay (L,) as batches pass;
     st["mask"] (B, T) marks the real tokens of the current batch. Returns the handles, to remove afterwards."""
-    I = neu.shape[-1]
-
     def eq4_hook(l):
-        def fn(mod, args):
+        def fn(mod, args):  # args[0]: Act (B, T, I), the input of down_proj
             torch.maximum(neu[l], neuron_score(args[0], st["mask"], st["spans"]), out=neu[l])
         return fn
-
-    def released_hook(l, p):  # p: 0 = gate_proj output, 1 = up_proj output, 2 = Act (down_proj input)
-        def count_last(v):  # v (B, T, I): signed values at each sequence's last real token
-            m = st["mask"]
-            x = v[torch.arange(v.shape[0], device=v.device), m.sum(1) - 1].float()  # (B, I)
-            neu[l, p] += torch.bincount(x.topk(n_top, dim=-1, largest=largest).indices.flatten(), minlength=I)
-        return (lambda mod, args: count_last(args[0])) if p == 2 else (lambda mod, args, out: count_last(out))
 
     def layer_in(l):
         def fn(mod, args, kwargs):
@@ -189,149 +133,63 @@ def score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top: int, largest: 
 
     handles = []
     for l, layer in enumerate(layers):
-        gate, up, down = ffn(layer)
-        if neuron_rule == "eq4":
-            handles.append(down.register_forward_pre_hook(eq4_hook(l)))
-        elif neuron_rule == "released":
-            handles += [gate.register_forward_hook(released_hook(l, 0)), up.register_forward_hook(released_hook(l, 1)),
-                        down.register_forward_pre_hook(released_hook(l, 2))]
+        if neu is not None:
+            handles.append(ffn(layer)[2].register_forward_pre_hook(eq4_hook(l)))
         if metric is not None:
             handles += [layer.register_forward_pre_hook(layer_in(l), with_kwargs=True),
                         layer.register_forward_hook(layer_out(l), with_kwargs=True)]
     return handles
 
 
+LAYER_METRICS = {"distance": layer_change, "bi": baselines.block_influence}  # per-token layer criteria (hooked)
+
+
 @torch.no_grad()
-def score_pass(model, batches, *, neuron_rule: str | None = "eq4", layer_rule: str | None = "distance",
-               top_n: float = 0.84, largest: bool = False) -> dict:
+def score_pass(model, batches, *, neurons: bool = True, layer_rule: str | None = "distance") -> dict:
     """One forward per batch through the base model (scores never need the LM head), with hooks.
 
-    Returns {"neuron": (L, I) Eq. 4 maxima | (L, 3, I) released-rule counts, "layer": (L,) token means of
-    Eq. 5 or BI, "samples", "tokens"}, combined over torchrun ranks (MAX for maxima, SUM otherwise), so
-    every rank gets identical scores. Memory is O(L * I), independent of the number of tokens."""
+    Returns {"neuron": (L, I) Eq. 4 maxima (None without `neurons`), "layer": (L,) token means of Eq. 5 or BI,
+    "tokens"}, combined over torchrun ranks (MAX for maxima, SUM otherwise), so every rank gets identical scores.
+    Memory is O(L * I), independent of the number of tokens."""
     layers = decoder_layers(model)
     L, I = len(layers), ffn(layers[0])[0].out_features
     dev = next(model.parameters()).device
-    n_top = top_count(top_n, I)
-    neu = torch.zeros((L, I) if neuron_rule == "eq4" else (L, 3, I), device=dev)
+    neu = torch.zeros(L, I, device=dev) if neurons else None
     lay = torch.zeros(L, dtype=torch.float64, device=dev)
-    count = torch.zeros(2, dtype=torch.float64, device=dev)  # (sequences, tokens)
+    tokens = torch.zeros((), dtype=torch.float64, device=dev)
     st: dict = {}  # the current batch's mask, and each layer's input until its output arrives
-    metric = {"distance": layer_change, "bi": block_influence}.get(layer_rule)
-    handles = score_hooks(layers, neuron_rule, metric, neu, lay, st, n_top, largest)
+    handles = score_hooks(layers, LAYER_METRICS.get(layer_rule), neu, lay, st)
     try:
         for b in tqdm(batches, desc="calibration", disable=not is_main(), leave=False):
             b = {k: v.to(dev) for k, v in b.items()}
             st["mask"] = b["attention_mask"].bool()
             st["spans"] = real_spans(st["mask"])
-            count += torch.tensor([len(st["mask"]), st["mask"].sum()], dtype=torch.float64, device=dev)
+            tokens += st["mask"].sum()
             model.base_model(**b, use_cache=False)
     finally:
         for h in handles:
             h.remove()
-    all_reduce_(neu, "max" if neuron_rule == "eq4" else "sum")
     all_reduce_(lay)
-    all_reduce_(count)
-    if not (neu.isfinite().all() and lay.isfinite().all()):  # NaN would sort last and be silently kept
+    all_reduce_(tokens)
+    if neu is not None:
+        all_reduce_(neu, "max")
+    if not ((neu is None or neu.isfinite().all()) and lay.isfinite().all()):  # NaN would sort last: kept silently
         raise FloatingPointError("the model produced NaN/inf activations on the calibration data; "
                                  "scores would be meaningless (try --dtype float32, or check the checkpoint)")
-    return {"neuron": neu, "layer": (lay / count[1].clamp(min=1)).float(),
-            "samples": int(count[0]), "tokens": int(count[1])}
+    return {"neuron": neu, "layer": (lay / tokens.clamp(min=1)).float(), "tokens": int(tokens)}
 
 
 def neuron_scores(model, batches, *, rule: str = "eq4", top_n: float = 0.84) -> list[torch.Tensor]:
     """Per decoder layer, an (intermediate_size,) score; lower = more redundant. rule: "eq4" (Eq. 3-4,
-    max |Act| over every real token) or "released" (the authors' code, see released_scores)."""
-    batches = batches if rule == "eq4" else [append_last_token(b) for b in batches]
-    r = score_pass(model, batches, neuron_rule=rule, layer_rule=None, top_n=top_n)
-    return list(r["neuron"] if rule == "eq4" else released_scores(r["neuron"], r["samples"]))
+    max |Act| over every real token) or "released" (the authors' code, see baselines.released_scores)."""
+    if rule == "eq4":
+        return list(score_pass(model, batches, layer_rule=None)["neuron"])
+    return list(baselines.released_rule(model, batches, None, top_n))
 
 
 def layer_scores(model, batches, *, rule: str = "distance") -> torch.Tensor:
     """(num_layers,) mean over real tokens of Eq. 5 ("distance") or ShortGPT's Block Influence ("bi")."""
-    return score_pass(model, batches, neuron_rule=None, layer_rule=rule)["layer"]
-
-
-def calib_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of next-token cross-entropies over a right-padded batch's real tokens, their count)."""
-    dev = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return recover.token_loss_sum(logits, ids.masked_fill(mask == 0, -100))
-
-
-def lm_loss(model, batches) -> torch.Tensor:
-    """Mean next-token cross-entropy over the real tokens of `batches` (log perplexity), over all ranks."""
-    tot = torch.zeros(2, dtype=torch.float64, device=next(model.parameters()).device)  # (loss sum, tokens)
-    for b in batches:
-        tot += torch.stack(calib_loss(model, b)).double()
-    all_reduce_(tot)
-    return tot[0] / tot[1].clamp(min=1)
-
-
-def perplexity_scores(model, batches) -> torch.Tensor:
-    """(L,) |log PPL(model without layer l) - log PPL(model)| on the calibration data: the perplexity
-    criterion of depth pruning (Kim et al., 2024, "Shortened LLaMA"). Taken as a change so that a layer
-    whose removal helps a (random) model does not rank as indispensable; the order is the same whenever
-    removal hurts. Layer l is skipped by returning its input as its output."""
-    def skip(mod, args, kwargs, out):
-        h = hidden_in(args, kwargs)
-        return (h, *out[1:]) if isinstance(out, tuple) else h
-
-    scores = []
-    with torch.no_grad():
-        base = lm_loss(model, batches)
-        for layer in decoder_layers(model):
-            handle = layer.register_forward_hook(skip, with_kwargs=True)
-            try:
-                scores.append((lm_loss(model, batches) - base).abs())
-            finally:
-                handle.remove()
-    return torch.stack(scores).float().cpu()
-
-
-def summed_grads(model, params: list, batches) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """(dLoss/dW for each of `params`, the real-token count), Loss = the sum of next-token cross-entropies over every
-    real token of `batches`, summed over torchrun ranks."""
-    grads = [torch.zeros_like(w) for w in params]
-    tokens = torch.zeros((), dtype=torch.float64, device=params[0].device)
-    for b in batches:
-        loss, n = calib_loss(model, b)
-        tokens += n
-        for acc, g in zip(grads, torch.autograd.grad(loss, params, allow_unused=True)):
-            if g is not None:
-                acc += g
-    return [all_reduce_(g) for g in grads], all_reduce_(tokens)
-
-
-def taylor_scores(model, batches) -> torch.Tensor:
-    """(L,) |sum_{w in layer l} w * dLoss/dw|: the first-order change of the calibration loss when layer l's
-    weights are set to zero (Taylor criterion, Molchanov et al., 2019, as used for blocks by Kim et al.,
-    2024). Gradients are summed over ranks before the products are taken."""
-    per_layer = [list(layer.parameters()) for layer in decoder_layers(model)]
-    flat = [w for ps in per_layer for w in ps]
-    grads, tokens = summed_grads(model, flat, batches)
-    wg = iter((w.detach().double() * g.double()).sum() for w, g in zip(flat, grads))
-    scores = [sum(next(wg) for _ in ps).abs() / tokens for ps in per_layer]
-    return torch.stack(scores).float().cpu()
-
-
-def taylor_neuron_scores(model, batches, *, variant: str = "element") -> torch.Tensor:
-    """(L, I) LLM-Pruner's first-order importance (Ma et al., 2023, Eq. 3-4) of FFN neuron i's coupled group,
-    row i of W_gate and of W_up and column i of W_down, with G = dLoss/dW over the calibration tokens:
-        vector-wise    I_i = sum_{W in group} | sum_j W_ij G_ij |       (their `vectorize`)
-        element-wise   I_i = sum_{W in group} sum_j | W_ij G_ij |       (their `param_first`)
-    the group's matrices reduced by sum, their default. Per token, like taylor_scores; lower = more redundant."""
-    mats = [lin.weight for layer in decoder_layers(model) for lin in ffn(layer)]  # gate, up, down per layer
-    grads, tokens = summed_grads(model, mats, batches)
-    per_row = (lambda x, dim: x.sum(dim).abs()) if variant == "vector" else (lambda x, dim: x.abs().sum(dim))
-    wg = [w.detach().double() * g.double() for w, g in zip(mats, grads)]  # (I, d), (I, d), (d, I) per layer
-    scores = torch.stack([per_row(wg[i], 1) + per_row(wg[i + 1], 1) + per_row(wg[i + 2], 0)
-                          for i in range(0, len(wg), 3)])
-    if not scores.isfinite().all():  # NaN would sort last and be silently kept
-        raise FloatingPointError("the calibration loss has NaN/inf gradients; Taylor scores would be meaningless "
-                                 "(try --dtype float32, or check the checkpoint)")
-    return (scores / tokens).float().cpu()
+    return score_pass(model, batches, neurons=False, layer_rule=rule)["layer"]
 
 
 # ----------------------------------------------------------------------------- surgery
@@ -504,7 +362,7 @@ class Config:
         if self.apply_removal:
             if self.baseline != "none":
                 raise ValueError(f"--apply-removal and --baseline {self.baseline} each choose what to remove: give one")
-            read_plan(self.apply_removal)  # a missing or unreadable plan now, before any model loads
+            baselines.read_plan(self.apply_removal)  # a missing or unreadable plan now, before any model loads
         check_read(self, READS)
         check_out(self.out, self.model)
         self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
@@ -592,15 +450,6 @@ def neuron_schedule(total: int, step: int) -> list[int]:
     return rounds
 
 
-def shortgpt_layers(model, ratio: float) -> int:
-    """ShortGPT's depth cut: the fewest whole layers whose removal takes >= ratio of all parameters."""
-    L, per_layer = len(decoder_layers(model)), sum(p.numel() for p in decoder_layers(model)[0].parameters())
-    n = math.ceil(ratio * count_params(model)["total"] / per_layer)
-    if n >= L:
-        raise ValueError(f"--baseline shortgpt --target-ratio {ratio} would remove all {L} layers")
-    return n
-
-
 def next_kind(order: str, t: int, left: dict) -> str | None:
     """The kind of round t (1-based) given what is left; None when nothing is. order "once" (the baselines)
     removes every kind that is left in one round."""
@@ -655,9 +504,9 @@ def resume_or_start(cfg: Config, d) -> tuple:
     if cfg.layer_target >= L:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
     if cfg.apply_removal:
-        left = plan_left(read_plan(cfg.apply_removal), L, I)
+        left = baselines.plan_left(baselines.read_plan(cfg.apply_removal), L, I)
     elif cfg.baseline == "shortgpt":
-        left = {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
+        left = {"neurons": 0, "layers": baselines.shortgpt_layers(model, cfg.target_ratio)}
     elif cfg.baseline == "slicegpt":  # the hidden size to slice off, in one round
         check_sliceable(model)
         left = {"neurons": 0, "layers": 0, "width": model.config.hidden_size - slice_width(model, cfg.target_ratio)}
@@ -671,28 +520,16 @@ def resume_or_start(cfg: Config, d) -> tuple:
 
 
 def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(neuron (L, I), layer (L,)) scores of the current model before round t, lower = more redundant, with
-    language protection. The released rule reads its own input (append_last_token) and n (--released-top-n)."""
-    hooked = cfg.layer_rule if cfg.layer_rule in ("distance", "bi") else None
-    if cfg.neuron_rule in ("eq4", "taylor"):
-        eq4 = cfg.neuron_rule == "eq4"
-        # one hooked pass for Eq. 4 and/or the hooked layer rule; Taylor takes its own gradient passes
-        r = score_pass(model, calib, neuron_rule="eq4" if eq4 else None, layer_rule=hooked) if eq4 or hooked else {}
-        s = r["neuron"] if eq4 else taylor_neuron_scores(model, calib, variant=cfg.taylor_variant)
-        if protect is not None:  # the general text's most active neurons (Eq. 4 on it) are never pruned
-            general = score_pass(model, protect, layer_rule=None)["neuron"]
-            s = protect_top(s.to(general.device), general, cfg.protect_frac)
-    else:
-        n = cfg.top_n(t)
-        r = score_pass(model, [append_last_token(b) for b in calib], neuron_rule="released", layer_rule=None, top_n=n)
-        g = score_pass(model, [append_last_token(b) for b in protect], neuron_rule="released", layer_rule=None,
-                       top_n=n, largest=True) if protect is not None else {"neuron": None, "samples": 0}
-        s = released_scores(r["neuron"], r["samples"], g["neuron"], g["samples"])
-        if hooked:  # layers are scored on the texts themselves, without the copy
-            r["layer"] = score_pass(model, calib, neuron_rule=None, layer_rule=hooked)["layer"]
-    if hooked is None:  # whole-model criteria: extra passes over the calibration data
-        r["layer"] = {"ppl": perplexity_scores, "taylor": taylor_scores}[cfg.layer_rule](model, calib)
-    return s.cpu(), r["layer"].cpu()
+    """(neuron (L, I), layer (L,)) scores of the current model before round t, lower = more redundant, with language
+    protection. Eq. 4 and a per-token layer metric share one hooked pass; other criteria take their own passes."""
+    eq4, hooked = cfg.neuron_rule == "eq4", cfg.layer_rule in LAYER_METRICS
+    r = score_pass(model, calib, neurons=eq4, layer_rule=cfg.layer_rule if hooked else None) if eq4 or hooked else {}
+    s = r["neuron"] if eq4 else baselines.NEURON_CRITERIA[cfg.neuron_rule](model, calib, protect, cfg, t)
+    if protect is not None and cfg.neuron_rule not in baselines.PROTECTS_ITSELF:  # the general text's most active
+        general = score_pass(model, protect, layer_rule=None)["neuron"]  # neurons (Eq. 4 on it) are never pruned
+        s = baselines.protect_top(s.to(general.device), general, cfg.protect_frac)
+    lay = r["layer"] if hooked else baselines.LAYER_CRITERIA[cfg.layer_rule](model, calib)
+    return s.cpu(), lay.cpu()
 
 
 def score_summary(s_neu: torch.Tensor, s_lay: torch.Tensor, k: int) -> dict:
@@ -787,28 +624,6 @@ def apply_removal(model, kind: str, what, state: dict) -> dict:
     return rec
 
 
-def read_plan(path: str) -> dict:
-    """The ptl_record.json of a finished round (or its directory): what its run had kept, in dense numbering."""
-    f = Path(path) / "ptl_record.json" if Path(path).is_dir() else Path(path)
-    try:
-        rec = json.loads(f.read_text())
-        return {k: rec[k] for k in ("dense", "kept_layers", "kept_neurons")}
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"--apply-removal {path}: not a finished round's ptl_record.json ({e})") from None
-
-
-def plan_left(plan: dict, L: int, I: int) -> dict:
-    """What a plan removes from a model of L layers x I neurons: {"neurons": per layer, "layers": count}."""
-    dense = plan["dense"]
-    if (dense["num_hidden_layers"], dense["intermediate_size"]) != (L, I):
-        raise ValueError(f"--apply-removal: the plan was made on {dense['num_hidden_layers']} layers x "
-                         f"{dense['intermediate_size']} neurons, this model has {L} x {I}")
-    left = {"neurons": I - len(plan["kept_neurons"][0]), "layers": L - len(plan["kept_layers"])}
-    if not any(left.values()):
-        raise ValueError("--apply-removal: the plan removes nothing")
-    return left
-
-
 def apply_plan(model, plan: dict, state: dict) -> dict:
     """Remove, in one round, every neuron and layer that `plan` does not keep (dense numbering; neurons first, as
     in prune_round; a layer that goes anyway gives up its last neurons). -> the round's record."""
@@ -879,7 +694,7 @@ def cut(model, kind: str, calib_protect, rcfg: Config, state: dict, t: int) -> t
     with its score summary, or None when nothing is redundant any more; the tensors for scores.safetensors).
     calib_protect() -> (calibration batches, --protect-data batches or None), read only when scoring."""
     if rcfg.apply_removal:  # a plan from a file: nothing is scored
-        return apply_plan(model, read_plan(rcfg.apply_removal), state), {}
+        return apply_plan(model, baselines.read_plan(rcfg.apply_removal), state), {}
     calib, protect = calib_protect()
     if state["left"].get("width"):  # SliceGPT: the PCA spectra are its scores
         w = model.config.hidden_size - state["left"]["width"]
@@ -952,10 +767,8 @@ def main(cfg: Config) -> dict:
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
     records, order, rcfg = [], "once" if cfg.apply_removal else cfg.order, cfg
     moments = recover.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
-    if cfg.baseline != "none":  # one round takes all that is left; ShortGPT ranks layers by Block Influence
-        order = "once"  # rcfg is the round's rule, not user flags: as baseline "none" it is not refused as such
-        rcfg = replace(cfg, baseline="none", neuron_step=1.0, layer_step=10**9,
-                       layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
+    if cfg.baseline != "none":  # one round takes all that is left
+        order, rcfg = "once", baselines.one_cut_rule(cfg)
     while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
         t, t0, before = state["round"] + 1, time.time(), count_params(model)
         kept = copy.deepcopy({k: state[k] for k in ("kept_layers", "kept_neurons")})

@@ -23,6 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import baselines  # noqa: E402
 import ptl  # noqa: E402
 import ptl_common  # noqa: E402
 from ptl_common import alternate, count_params, parse_config  # noqa: E402
@@ -65,7 +66,7 @@ def calibration_overhead(model, batches, cfg) -> dict:
             model.base_model(**b, use_cache=False)
     variants = {"plain": plain, "neurons": lambda bs: ptl.score_pass(model, bs, layer_rule=None),
                 "neurons+layers": lambda bs: ptl.score_pass(model, bs),
-                "released": lambda bs: ptl.score_pass(model, bs, neuron_rule="released", layer_rule=None)}
+                "released": lambda bs: baselines.released_counts(model, bs, 0.84)}
     names, t = list(variants), {k: [] for k in variants}
     for r in range(cfg.warmup + cfg.repeats):
         this = dict.fromkeys(names, 0.0)

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptl
+import baselines
 from conftest import tiny_model
 from ptl_common import count_params
 
@@ -46,7 +47,7 @@ def test_layer_change_and_block_influence_goldens():
     h = torch.tensor([[[3.0, 0.0], [1.0, 0.0], [1.0, 0.0]]])
     f_h = torch.tensor([[[3.0, 4.0], [0.0, 1.0], [-2.0, 0.0]]])
     torch.testing.assert_close(ptl.layer_change(h, f_h), torch.tensor([[4.0, math.sqrt(2), 3.0]]))
-    torch.testing.assert_close(ptl.block_influence(h, f_h), torch.tensor([[1 - 0.6, 1.0, 2.0]]))
+    torch.testing.assert_close(baselines.block_influence(h, f_h), torch.tensor([[1 - 0.6, 1.0, 2.0]]))
     assert ptl.layer_change(h, h).abs().max() == 0
 
 
@@ -60,19 +61,19 @@ def test_released_rule_scores_candidates_zero_and_protects_language_neurons():
     counts = torch.tensor([[[2, 1, 0, 2],    # gate: C = {0, 3}
                             [1, 1, 0, 0],    # up:   C = {}
                             [0, 2, 1, 0]]])  # Act:  C = {1}
-    assert ptl.released_scores(counts, 2).tolist() == [[0.0, 0.0, 1.0, 0.0]]
+    assert baselines.released_scores(counts, 2).tolist() == [[0.0, 0.0, 1.0, 0.0]]
     lang = torch.tensor([[[5, 0, 0, 0], [0, 5, 0, 0], [0, 5, 0, 5]]])  # n_lang = 5: G_gate={0}, G_up={1}, G_Act={1,3}
     # neuron 0: gate candidate but a gate language neuron -> up/Act give 1, 2 -> min 1
     # neuron 1: Act candidate but an Act language neuron -> gate 1, up inf -> 1
     # neuron 3: gate candidate, not a gate language neuron -> 0
-    assert ptl.released_scores(counts, 2, lang, 5).tolist() == [[1.0, 1.0, 1.0, 0.0]]
+    assert baselines.released_scores(counts, 2, lang, 5).tolist() == [[1.0, 1.0, 1.0, 0.0]]
 
 
 def test_protect_top_makes_the_most_general_neurons_unprunable():
     s = torch.tensor([[0.125, 0.25, 0.375, 0.5]])  # exact in binary
     general = torch.tensor([[9.0, 0.0, 1.0, 0.5]])
-    assert ptl.protect_top(s, general, 0.5).tolist() == [[math.inf, 0.25, math.inf, 0.5]]
-    assert torch.equal(ptl.protect_top(s, general, 0.0), s)
+    assert baselines.protect_top(s, general, 0.5).tolist() == [[math.inf, 0.25, math.inf, 0.5]]
+    assert torch.equal(baselines.protect_top(s, general, 0.0), s)
 
 
 @pytest.mark.parametrize("order, expected", [

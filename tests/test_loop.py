@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 import ptl
+import baselines
 import ptl_common
 from conftest import ARCHS, char_tokenizer, tiny_model
 from ptl_common import count_params
@@ -273,7 +274,7 @@ def test_the_released_rule_removes_what_the_authors_procedure_removes(tmp_path):
 def test_the_released_rule_reads_the_appended_copy_of_the_last_token():
     batch = {"input_ids": torch.tensor([[1, 5, 6, 0], [1, 7, 8, 9]]), "attention_mask": torch.tensor([[1, 1, 1, 0],
                                                                                                        [1, 1, 1, 1]])}
-    out = ptl.append_last_token(batch)
+    out = baselines.append_last_token(batch)
     assert out["input_ids"][0, :4].tolist() == [1, 5, 6, 6] and out["input_ids"][1].tolist() == [1, 7, 8, 9, 9]
     assert out["attention_mask"].tolist() == [[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]
 
@@ -281,9 +282,9 @@ def test_the_released_rule_reads_the_appended_copy_of_the_last_token():
 def test_the_released_rule_takes_its_n_and_fresh_texts_round_by_round(tmp_path):
     cfg = ptl.Config(neuron_rule="released", released_top_n="12000,12000,11000")
     assert [cfg.top_n(t) for t in (1, 2, 3, 4)] == [12000, 12000, 11000, 11000]
-    assert ptl.top_count(0.5, 40) == 20 and ptl.top_count(30, 40) == 30
+    assert baselines.top_count(0.5, 40) == 20 and baselines.top_count(30, 40) == 30
     with pytest.raises(ValueError, match="leaves no neuron"):
-        ptl.top_count(40, 40)
+        baselines.top_count(40, 40)
     with pytest.raises(ValueError, match="fractions in"):
         ptl.Config(neuron_rule="released", released_top_n="1.5")
     with pytest.raises(ValueError, match="give --protect-samples"):

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
 import ptl
+import baselines
 import ptl_common
 from conftest import ARCHS, logits, padded_batch, tiny_model
 
@@ -224,7 +225,7 @@ def test_a_neuron_whose_weights_are_all_zero_has_taylor_score_zero(variant):
     gate, up, down = ptl_common.ffn(ptl_common.decoder_layers(model)[1])
     with torch.no_grad():
         gate.weight[5], up.weight[5], down.weight[:, 5] = 0, 0, 0
-    s = ptl.taylor_neuron_scores(model, [padded_batch(0), padded_batch(1)], variant=variant)
+    s = baselines.taylor_neuron_scores(model, [padded_batch(0), padded_batch(1)], variant=variant)
     assert s.shape == (3, 24) and s[1, 5] == 0 and (s[1] != 0).sum() == 23
 
 
@@ -234,8 +235,8 @@ def test_the_vector_wise_taylor_score_is_the_loss_slope_of_scaling_each_matrix_o
     and W_down[:, i]; their sum is the vector-wise score (x tokens). Central differences."""
     model = tiny_model(arch, tied=False).double()
     batches = [padded_batch(0, lengths=(9, 9)), padded_batch(2, lengths=(6,))]  # float64 Qwen2 NaNs on padding
-    tokens = sum(int(ptl.calib_loss(model, b)[1]) for b in batches)  # the labelled tokens the score is divided by
-    score = ptl.taylor_neuron_scores(model, batches, variant="vector").double() * tokens
+    tokens = sum(int(baselines.calib_loss(model, b)[1]) for b in batches)  # the labelled tokens the score is divided by
+    score = baselines.taylor_neuron_scores(model, batches, variant="vector").double() * tokens
     gate, up, down = ptl_common.ffn(ptl_common.decoder_layers(model)[0])
 
     def loss() -> float:  # calib_loss's sum, kept in float64
@@ -264,6 +265,6 @@ def test_the_vector_wise_taylor_score_is_the_loss_slope_of_scaling_each_matrix_o
 def test_the_element_wise_taylor_score_bounds_the_vector_wise_one():
     model = tiny_model("qwen2")
     batches = [padded_batch(3)]
-    element = ptl.taylor_neuron_scores(model, batches, variant="element")
-    vector = ptl.taylor_neuron_scores(model, batches, variant="vector")
+    element = baselines.taylor_neuron_scores(model, batches, variant="element")
+    vector = baselines.taylor_neuron_scores(model, batches, variant="vector")
     assert (element >= vector - 1e-7).all() and (element > vector).any()
