@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ptl_common import all_reduce_, count_params, decoder_layers, ffn, hidden_in, is_main
-import recover
+from trainer import token_loss_sum
 
 # ----------------------------------------------------------------------------- the authors' released rule
 
@@ -104,7 +104,7 @@ def calib_loss(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     dev = next(model.parameters()).device
     ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return recover.token_loss_sum(logits, ids.masked_fill(mask == 0, -100))
+    return token_loss_sum(logits, ids.masked_fill(mask == 0, -100))
 
 
 def lm_loss(model, batches) -> torch.Tensor:

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from copy import deepcopy
 
 import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 # ----------------------------------------------------------------------------- decoding (evaluate.py, grpo.py)
 
@@ -304,3 +306,110 @@ def eos_ids(model, tok) -> set[int]:
     return ({tok.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) - {None}
 
 
+# ----------------------------------------------------------------------------- training (recover.py, grpo.py)
+
+
+class ChunkedLinearCE(torch.autograd.Function):
+    """sum_t CE(cap(h_t W^T), y_t) over rows t with y_t != -100, a chunk of rows at a time: the (rows x vocab)
+    logits of one chunk exist at once, never all of them. Each chunk's gradients are taken in the forward, where its
+    logits are at hand: dL/dz = softmax(z) - onehot(y) (times 1 - tanh^2 under Gemma-2's soft-cap z = c tanh(z'/c)),
+    dL/dh = dz W, dL/dW = dz^T h; backward only scales them. h (N, d), W (V, d), y (N,)."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, chunk: int, cap: float | None):
+        Wc = W.to(h.dtype)  # under bf16 autocast h is bf16: the head's matmuls run in bf16, as a plain head's do
+        loss, grad_h, grad_W = h.new_zeros((), dtype=torch.float32), torch.empty_like(h), torch.zeros_like(W)
+        for s in range(0, len(h), chunk):
+            hc, yc = h[s : s + chunk], y[s : s + chunk]
+            z = (hc @ Wc.t()).float()  # (n, V): the only logits in memory
+            if cap:
+                t = torch.tanh(z / cap)
+                z = cap * t
+            dead, yl = yc == -100, yc.clamp(min=0)[:, None]
+            lse = z.logsumexp(-1)
+            loss += (lse - z.gather(1, yl)[:, 0]).masked_fill_(dead, 0).sum()
+            dz = z.sub_(lse[:, None]).exp_().scatter_add_(1, yl, -torch.ones_like(lse[:, None]))  # softmax - onehot
+            dz.masked_fill_(dead[:, None], 0)
+            if cap:
+                dz.mul_(1 - t * t)
+            dz = dz.to(h.dtype)
+            grad_h[s : s + chunk] = dz @ Wc
+            if grad_W.dtype == dz.dtype:
+                grad_W.addmm_(dz.t(), hc)  # accumulated in place: no (V, d) temporary per chunk
+            else:
+                grad_W += (dz.t() @ hc).to(W.dtype)
+        ctx.save_for_backward(grad_h, grad_W)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        grad_h, grad_W = ctx.saved_tensors  # used once: scaled in place, no second (V, d) tensor
+        return grad_h.mul_(g), grad_W.mul_(g), None, None, None
+
+
+def chunked_token_loss_sum(h: torch.Tensor, head, labels: torch.Tensor, chunk: int,
+                           cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_loss_sum from the final hidden states h (B, T, d) and the LM head, without the (B, T, V) logits."""
+    y = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
+    return ChunkedLinearCE.apply(h.flatten(0, 1), head.weight, y, chunk, cap), (y != -100).sum()
+
+
+@contextmanager
+def head_outside(model, on: bool = True):
+    """Within, model(...).logits are the final hidden states (B, T, d): the LM head's matmul and Gemma-2's final
+    soft-cap leave the forward for chunked_token_loss_sum. -> (head, soft-cap or None); (None, None) when off."""
+    if not on:
+        yield None, None
+        return
+    head, conf = model.get_output_embeddings(), model.config
+    cap = getattr(conf, "final_logit_softcapping", None)
+    head.forward = lambda x: x  # an instance attribute: the state dict and DDP's parameters stay as they are
+    if cap is not None:
+        conf.final_logit_softcapping = None
+    try:
+        yield head, cap
+    finally:
+        del head.forward
+        if cap is not None:
+            conf.final_logit_softcapping = cap
+
+
+_aten = torch.ops.aten
+SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
+             _aten._scaled_dot_product_flash_attention_for_cpu.default,  # SDPA's CPU kernel; then CUDA's three
+             _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
+             _aten._scaled_dot_product_cudnn_attention.default}
+
+
+def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    """Selective checkpointing's policy: keep the outputs of matmuls and fused attention, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def checkpointing(model, on: bool, policy: str = "full") -> None:
+    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. policy "full" recomputes
+    a layer's whole forward in backward; "matmuls" keeps what its matmuls and attention return and recomputes only
+    the pointwise ops between them (norms, rotary, activation, residual adds), so no matmul runs twice (PyTorch's
+    selective activation checkpointing). transformers 5.23 renamed
+    gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
+    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
+    if on:
+        kw = {"use_reentrant": False}
+        if policy == "matmuls":
+            kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
+        getattr(model, f"{name}_checkpointing_enable")(kw)
+    else:
+        getattr(model, f"{name}_checkpointing_disable")()
+
+
+# ----------------------------------------------------------------------------- scoring (ptl.py)
+
+
+def real_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """Per row of mask (B, T), the (start, end) of its real tokens when they are contiguous (left or right
+    padding, as tokenizers pad), else None."""
+    n, start = mask.sum(1), mask.int().argmax(1)
+    spans = list(zip(start.tolist(), (start + n).tolist()))
+    if any(e == s for s, e in spans) or not all(bool(mask[b, s:e].all()) for b, (s, e) in enumerate(spans)):
+        return None
+    return spans

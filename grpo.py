@@ -45,7 +45,6 @@ Choices:
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import re
@@ -62,7 +61,7 @@ from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cl
 from fast import cache_arg, decode, positions, repeat_cache, returned_cache, Sampling
 from data import chat_prompt, last_boxed, load_rows, math_equal, OfflineReasoning, question_answer
 from models import DEFAULT_MODEL, load_model
-from recover import finished, grad_sync, reload, resume, save_final, save_state, wrap
+from trainer import end_step, finished, grad_sync, reload, resume, save_final, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
           "answer. The reasoning process MUST BE enclosed within <think> </think> tags. The final answer MUST BE "
@@ -398,14 +397,7 @@ def train(model, tok, rows: list[tuple[str, str]], cfg: Config, reward_fn: Calla
         sums = rollout_sums(scored, rewards, responses, G)
         sums.update(gen_s=t_gen, train_s=time.perf_counter() - t0 - t_gen, step_s=time.perf_counter() - t0)
         row = step_metrics(step + 1, all_reduce_dict(sums, d.device), update, W, cfg.lr)
-        if d.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.write(progress_line(row, total))
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            save_state(out / "checkpoints" / f"step_{step + 1}", net, opt, step + 1,
-                       {**fingerprint, "elapsed": time.time() - t_start})
+        end_step(out, row, progress_line(row, total), bar, step, total, cfg.save_every, net, opt, fingerprint, t_start)
     bar.close()
     summary = {"steps": total, "reward": row.get("reward", math.nan), "accuracy": row.get("accuracy", math.nan),
                "time_s": time.time() - t_start, "prompts": N, "world": W, "resumed_at": start, "prompt_style": style,

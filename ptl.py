@@ -55,7 +55,9 @@ from data import load_rows, load_texts, make_batches
 from models import DEFAULT_MODEL, load_config, load_model
 import baselines
 import recover
-from ptl_common import check_supported, decoder_layers, ffn, hidden_in
+import trainer
+from ptl_common import check_supported, decoder_layers, ffn, hidden_in, settings_changed
+from fast import real_spans
 from slicegpt import check_sliceable, slice_model, slice_width
 
 # ----------------------------------------------------------------------------- equations (pure)
@@ -72,16 +74,6 @@ def neuron_score(act: torch.Tensor, mask: torch.Tensor, spans: list | None = Non
         rows = [torch.aminmax(act[b, s:e], dim=0) for b, (s, e) in enumerate(spans)]  # B x ((I,), (I,))
         lo, hi = torch.stack([r[0] for r in rows]).amin(0), torch.stack([r[1] for r in rows]).amax(0)
     return torch.maximum(hi, -lo).float()
-
-
-def real_spans(mask: torch.Tensor) -> list[tuple[int, int]] | None:
-    """Per row of mask (B, T), the (start, end) of its real tokens when they are contiguous (left or right
-    padding, as tokenizers pad), else None."""
-    n, start = mask.sum(1), mask.int().argmax(1)
-    spans = list(zip(start.tolist(), (start + n).tolist()))
-    if any(e == s for s, e in spans) or not all(bool(mask[b, s:e].all()) for b, (s, e) in enumerate(spans)):
-        return None
-    return spans
 
 
 def redundant_neurons(s: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -489,9 +481,7 @@ def resume_or_start(cfg: Config, d) -> tuple:
     done = finished_rounds(out)
     if done:
         rec = load_record(out / f"round_{done[-1]}")
-        changed = {k: (v, getattr(cfg, k)) for k, v in rec["config"].items()
-                   if k not in RESUMABLE and getattr(cfg, k) != v}
-        if changed:
+        if changed := settings_changed(rec["config"], asdict(cfg), RESUMABLE):
             raise ValueError(f"{out} holds a run made with other settings {changed} (old, new); "
                              "repeat its flags to resume, or use another --out")
         model, tok = load_model(str(out / f"round_{done[-1]}"), dtype=dtype, device=d.device)
@@ -647,34 +637,6 @@ def rounds_left(cfg: Config, left: dict, dense_width: int) -> int:
     return len(neuron_schedule(left["neurons"] or 0, step)) + math.ceil((left["layers"] or 0) / cfg.layer_step)
 
 
-@torch.no_grad()
-def carry_moments(moments: dict, model, before: dict, after: dict) -> dict:
-    """AdamW's moments after a cut, for the cut model: a kept layer's renumbered, a kept neuron's rows of gate/up
-    (and columns of down) kept, a removed unit's gone. moments: {parameter name before the cut: {"step",
-    "exp_avg", "exp_avg_sq"}}; before, after: the loop state's kept_layers and kept_neurons (dense numbering)."""
-    layers = decoder_layers(model)
-    prefix = next(n for n, m in model.named_modules() if m is layers)
-    rel = {id(m): n for n, m in layers[0].named_modules()}
-    dims = {f"{rel[id(lin)]}.{p}": dim for lin, dim in zip(ffn(layers[0]), (0, 0, 1))
-            for p in (("weight", "bias") if dim == 0 else ("weight",))}  # down's bias is per hidden unit: kept
-    index = {o: j for j, o in enumerate(after["kept_layers"])}
-    out = {}
-    for name, st in moments.items():
-        if not name.startswith(prefix + "."):
-            out[name] = st
-            continue
-        i, rest = name[len(prefix) + 1:].split(".", 1)
-        j = index.get(before["kept_layers"][int(i)])
-        if j is None:  # the layer was removed
-            continue
-        if rest in dims:
-            pos = {o: p for p, o in enumerate(before["kept_neurons"][int(i)])}
-            idx = torch.tensor([pos[o] for o in after["kept_neurons"][j]])
-            st = {k: v if v.dim() == 0 else v.index_select(dims[rest], idx) for k, v in st.items()}
-        out[f"{prefix}.{j}.{rest}"] = st
-    return out
-
-
 def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict) -> dict | None:
     """Algorithm 1 line 7: remove what this round's scores mark (neurons, layers, or with a baseline both at
     once) from the model and the state; the round's record, or None when nothing is redundant any more."""
@@ -766,7 +728,7 @@ def main(cfg: Config) -> dict:
     calibration = calibration_texts(cfg, tok, d)
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
     records, order, rcfg = [], "once" if cfg.apply_removal else cfg.order, cfg
-    moments = recover.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
+    moments = trainer.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
     if cfg.baseline != "none":  # one round takes all that is left
         order, rcfg = "once", baselines.one_cut_rule(cfg)
     while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
@@ -776,7 +738,7 @@ def main(cfg: Config) -> dict:
         if rec is None:
             continue
         if moments is not None:  # continuous schedule: AdamW goes on with what the cut kept
-            moments = carry_moments(moments, model, kept, state)
+            moments = trainer.carry_moments(moments, model, kept, state)
         state["round"] = t
         work = out / f".recovery_round_{t}"  # resumable recovery state; removed once the round is saved
         if cfg.eval_every_round and cfg.recovery != "none":
@@ -793,7 +755,7 @@ def main(cfg: Config) -> dict:
                    config=asdict(cfg))
         save_checkpoint(out / f"round_{t}", model, tok, json_files={"ptl_record.json": rec},
                         tensors={"scores.safetensors": tensors,
-                                 **({"moments.safetensors": recover.flat_moments(moments)} if moments else {})},
+                                 **({"moments.safetensors": trainer.flat_moments(moments)} if moments else {})},
                         copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
         if d.main:
             shutil.rmtree(work, ignore_errors=True)

@@ -307,6 +307,12 @@ def verify_checkpoint(path: str | Path, required: tuple = ("config.json",)) -> s
     return None
 
 
+def settings_changed(old: dict, new: dict, resumable: set) -> dict:
+    """{setting: (old, new)} for each setting of `new` outside `resumable` that `old` (a saved run's) holds with
+    another value; a setting the old run predates (a flag added since) is not a change."""
+    return {k: (old[k], v) for k, v in new.items() if k not in resumable and k in old and old[k] != v}
+
+
 def finished_rounds(out: str | Path) -> list[int]:
     """Round numbers t with a complete OUT/round_<t>/ of a PTL run (directories appear only when complete)."""
     found = (re.fullmatch(r"round_(\d+)", p.name) for p in Path(out).glob("round_*")

@@ -23,31 +23,22 @@ Choices, against the paper and the authors' LLaMA-Factory yamls:
 """
 from __future__ import annotations
 
-import functools
 import itertools
-import json
 import math
-import os
-import shutil
 import time
-from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from safetensors.torch import load_file, save_file
-from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 from tqdm import tqdm
 
-from ptl_common import (all_reduce_, atomic_dir, atomic_write_json, barrier, check_out, check_ranges, cleanup_dist,
-                        Dist, flag, is_main, nonfinite, print0, run_cli, setup_dist, sha256)
+from ptl_common import (all_reduce_, check_out, check_ranges, cleanup_dist,
+                        Dist, flag, print0, run_cli, setup_dist)
 from data import load_texts, pad_id
+from fast import checkpointing, chunked_token_loss_sum, head_outside
+from trainer import (autocast_for, end_step, finished, grad_sync, load_moments, moments_of, reload, resume, save_final,
+                     save_moments, save_weights, set_moments, token_loss_sum, wrap)
 from models import DEFAULT_MODEL, load_model
 
 # ----------------------------------------------------------------------------- pure functions
@@ -99,183 +90,6 @@ def step_blocks(step: int, n: int, g: int, seed: int) -> tuple[torch.Tensor, tor
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
     idx = order[s * g : (s + 1) * g]
     return torch.cat([idx, order[: g - len(idx)]]), torch.arange(g) < len(idx)
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over labelled positions t of -log p(x_{t+1} | x_<=t), their count). logits (B, T, V), labels (B, T)"""
-    y = F.pad(labels[:, 1:], (0, 1), value=-100)  # shift the labels, not the logits: no (B, T, V) copy
-    ce = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
-    return ce, (y != -100).sum()
-
-
-class ChunkedLinearCE(torch.autograd.Function):
-    """sum_t CE(cap(h_t W^T), y_t) over rows t with y_t != -100, a chunk of rows at a time: the (rows x vocab)
-    logits of one chunk exist at once, never all of them. Each chunk's gradients are taken in the forward, where its
-    logits are at hand: dL/dz = softmax(z) - onehot(y) (times 1 - tanh^2 under Gemma-2's soft-cap z = c tanh(z'/c)),
-    dL/dh = dz W, dL/dW = dz^T h; backward only scales them. h (N, d), W (V, d), y (N,)."""
-
-    @staticmethod
-    def forward(ctx, h: torch.Tensor, W: torch.Tensor, y: torch.Tensor, chunk: int, cap: float | None):
-        Wc = W.to(h.dtype)  # under bf16 autocast h is bf16: the head's matmuls run in bf16, as a plain head's do
-        loss, grad_h, grad_W = h.new_zeros((), dtype=torch.float32), torch.empty_like(h), torch.zeros_like(W)
-        for s in range(0, len(h), chunk):
-            hc, yc = h[s : s + chunk], y[s : s + chunk]
-            z = (hc @ Wc.t()).float()  # (n, V): the only logits in memory
-            if cap:
-                t = torch.tanh(z / cap)
-                z = cap * t
-            dead, yl = yc == -100, yc.clamp(min=0)[:, None]
-            lse = z.logsumexp(-1)
-            loss += (lse - z.gather(1, yl)[:, 0]).masked_fill_(dead, 0).sum()
-            dz = z.sub_(lse[:, None]).exp_().scatter_add_(1, yl, -torch.ones_like(lse[:, None]))  # softmax - onehot
-            dz.masked_fill_(dead[:, None], 0)
-            if cap:
-                dz.mul_(1 - t * t)
-            dz = dz.to(h.dtype)
-            grad_h[s : s + chunk] = dz @ Wc
-            if grad_W.dtype == dz.dtype:
-                grad_W.addmm_(dz.t(), hc)  # accumulated in place: no (V, d) temporary per chunk
-            else:
-                grad_W += (dz.t() @ hc).to(W.dtype)
-        ctx.save_for_backward(grad_h, grad_W)
-        return loss
-
-    @staticmethod
-    def backward(ctx, g: torch.Tensor):
-        grad_h, grad_W = ctx.saved_tensors  # used once: scaled in place, no second (V, d) tensor
-        return grad_h.mul_(g), grad_W.mul_(g), None, None, None
-
-
-def chunked_token_loss_sum(h: torch.Tensor, head, labels: torch.Tensor, chunk: int,
-                           cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """token_loss_sum from the final hidden states h (B, T, d) and the LM head, without the (B, T, V) logits."""
-    y = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()
-    return ChunkedLinearCE.apply(h.flatten(0, 1), head.weight, y, chunk, cap), (y != -100).sum()
-
-
-@contextmanager
-def head_outside(model, on: bool = True):
-    """Within, model(...).logits are the final hidden states (B, T, d): the LM head's matmul and Gemma-2's final
-    soft-cap leave the forward for chunked_token_loss_sum. -> (head, soft-cap or None); (None, None) when off."""
-    if not on:
-        yield None, None
-        return
-    head, conf = model.get_output_embeddings(), model.config
-    cap = getattr(conf, "final_logit_softcapping", None)
-    head.forward = lambda x: x  # an instance attribute: the state dict and DDP's parameters stay as they are
-    if cap is not None:
-        conf.final_logit_softcapping = None
-    try:
-        yield head, cap
-    finally:
-        del head.forward
-        if cap is not None:
-            conf.final_logit_softcapping = cap
-
-
-# ----------------------------------------------------------------------------- distribution and state
-
-
-def wrap(model, d: Dist, *, fsdp: bool = False):
-    """DDP (or, with fsdp, FSDP2 per decoder layer) under torchrun; the model itself in one process."""
-    if d.world == 1:
-        return model
-    if not fsdp:
-        return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
-
-    for m in model.modules():  # _no_split_modules: HF's list of decoder-layer classes
-        if type(m).__name__ in model._no_split_modules:
-            fully_shard(m)
-    return fully_shard(model)
-
-
-_aten = torch.ops.aten
-SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default,
-             _aten._scaled_dot_product_flash_attention_for_cpu.default,  # SDPA's CPU kernel; then CUDA's three
-             _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_efficient_attention.default,
-             _aten._scaled_dot_product_cudnn_attention.default}
-
-
-def save_matmuls(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """Selective checkpointing's policy: keep the outputs of matmuls and fused attention, recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if op in SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
-
-def checkpointing(model, on: bool, policy: str = "full") -> None:
-    """Non-reentrant activation (gradient) checkpointing of every decoder layer, on or off. policy "full" recomputes
-    a layer's whole forward in backward; "matmuls" keeps what its matmuls and attention return and recomputes only
-    the pointwise ops between them (norms, rotary, activation, residual adds), so no matmul runs twice (PyTorch's
-    selective activation checkpointing). transformers 5.23 renamed
-    gradient_checkpointing_* to activation_checkpointing_*; older 5.x has only the first."""
-    name = "activation" if hasattr(model, "activation_checkpointing_enable") else "gradient"
-    if on:
-        kw = {"use_reentrant": False}
-        if policy == "matmuls":
-            kw["context_fn"] = functools.partial(create_selective_checkpoint_contexts, save_matmuls)
-        getattr(model, f"{name}_checkpointing_enable")(kw)
-    else:
-        getattr(model, f"{name}_checkpointing_disable")()
-
-
-@contextmanager
-def grad_sync(model, enabled: bool):
-    """Skip the gradient all-reduce on all but the last micro-step; wraps forward *and* backward."""
-    if isinstance(model, DDP) and not enabled:
-        with model.no_sync():
-            yield
-        return
-    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(enabled)
-    yield
-
-
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
-
-
-def check_weights(net, out: Path) -> None:
-    """Stop (every rank alike) before anything is saved when an update left a weight NaN or inf: the loss that
-    the NaN guard reads was finite, but the update after it can still overflow the weights."""
-    bad = nonfinite(net)
-    if all_reduce_(torch.tensor(float(len(bad)), device=next(net.parameters()).device)).item():
-        raise FloatingPointError(f"weights are not finite after the last update{f' ({bad[0]}, ...)' if bad else ''}; "
-                                 f"nothing was saved over the last good checkpoint (if any, in {out / 'checkpoints'}); "
-                                 "try a lower --lr")
-
-
-def save_state(path: Path, model, opt, step: int, extra: dict) -> None:
-    """A resumable checkpoint: model, optimizer, step (the data position: the block order is a function of
-    seed and epoch) and every rank's RNG state, written by rank 0 into a temporary dir, then renamed."""
-    check_weights(model, path.parent.parent)
-    msd, osd = get_model_state_dict(model, options=FULL), get_optimizer_state_dict(model, opt, options=FULL)
-    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-    rngs = [rng]
-    if dist.is_initialized():
-        rngs = [None] * dist.get_world_size()
-        dist.all_gather_object(rngs, rng)
-    if is_main():
-        with atomic_dir(path) as tmp:
-            torch.save({"model": msd, "optim": osd, "step": step, "rng": rngs, **extra}, tmp / "state.pt")
-        for old in path.parent.glob("step_*"):  # keep only the newest
-            if old != path:
-                shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_state(path: Path, model, opt) -> dict:
-    """Restore a save_state checkpoint on every rank (rank 0 reads it and broadcasts)."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False) if is_main() else {}
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
-    set_model_state_dict(model, state.get("model", {}), options=opts)
-    set_optimizer_state_dict(model, opt, state.get("optim", {}), options=opts)
-    meta = [{k: v for k, v in state.items() if k not in ("model", "optim")}]
-    if dist.is_initialized():
-        dist.broadcast_object_list(meta, src=0)
-    rng = meta[0]["rng"][dist.get_rank() if dist.is_initialized() else 0]
-    torch.set_rng_state(rng["cpu"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return meta[0]
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -369,7 +183,7 @@ def train(model, tok, texts: list[str], cfg: Config, moments: dict | None = None
     N, G, M, W = len(data["input_ids"]), cfg.global_batch, cfg.micro_batch, d.world
     total = cfg.max_steps or cfg.epochs * math.ceil(N / G)  # the whole run's steps: the lr schedule spans them
     first, stop = window_steps(cfg.window, total)
-    if (done := finished(out, fingerprint)) is not None:
+    if (done := finished(out, fingerprint, RESUMABLE)) is not None:
         return {**done, "model": reload(model, out, d), "moments": load_moments(out / "moments.safetensors")}
     warmup = math.ceil(cfg.warmup_ratio * total)
     model.train()
@@ -381,7 +195,7 @@ def train(model, tok, texts: list[str], cfg: Config, moments: dict | None = None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay,
                             fused=True)  # one kernel for all parameters: 5x faster than foreach on CPU
     set_moments(model, opt, moments or {})
-    start, elapsed = resume(out, net, opt, fingerprint)  # a checkpoint's state replaces the carried moments
+    start, elapsed = resume(out, net, opt, fingerprint, RESUMABLE)  # a checkpoint's state replaces the carried moments
     start = max(start, first)
     autocast = autocast_for(cfg.precision, d.device)
     bar = tqdm(total=stop, initial=start, desc="recover", disable=not d.main, leave=False)
@@ -403,17 +217,10 @@ def train(model, tok, texts: list[str], cfg: Config, moments: dict | None = None
         tokens += trained_tokens(step)
         row = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": gnorm,
                "tokens_per_s": trained_tokens(step) / (time.perf_counter() - t0)}
-        if d.main:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-            bar.update(1)
-            bar.write(f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s "
-                      f"{row['tokens_per_s']:.0f}")
         if cfg.keep_every and (step + 1) % cfg.keep_every == 0 and step + 1 < stop:
             save_weights(out / f"step_{step + 1}", model, net, tok)
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < stop:
-            save_state(out / "checkpoints" / f"step_{step + 1}", net, opt, step + 1,
-                       {**fingerprint, "elapsed": time.time() - t_start})
+        end_step(out, row, f"step {step + 1}/{total} | loss {loss:.4f} | lr {lr:.2e} | grad {gnorm:.3f} | tok/s "
+                 f"{row['tokens_per_s']:.0f}", bar, step, stop, cfg.save_every, net, opt, fingerprint, t_start)
     bar.close()
     summary = {"steps": stop - first, "tokens": tokens, "loss": loss, "time_s": time.time() - t_start, "blocks": N,
                "global_batch": G, "accum": G // (M * W), "world": W, "resumed_at": start, "window": [first, stop],
@@ -467,138 +274,6 @@ def micro_loss_sum(net, b: dict, head, cap: float | None, chunk: int) -> torch.T
     if head is not None:
         return chunked_token_loss_sum(out, head, b["labels"], chunk, cap)[0]
     return token_loss_sum(out, b["labels"])[0]
-
-
-def finished(out: Path, fingerprint: dict, resumable: set = RESUMABLE) -> dict | None:
-    """The summary of a run that OUT holds, finished with the same data and settings (those in `resumable` may
-    differ); None when OUT holds no finished run. One made with other settings or data is refused, never
-    silently taken as done."""
-    path = out / "train_summary.json"
-    if not path.exists():
-        return None
-    old = json.loads(path.read_text())
-    was = old.get("fingerprint", {})
-    new_cfg = {k: v for k, v in fingerprint["config"].items() if k not in resumable}
-    diff = {k: (was.get("config", {}).get(k), v) for k, v in new_cfg.items() if was.get("config", {}).get(k) != v}
-    if diff or (was.get("blocks"), was.get("tokens")) != (fingerprint["blocks"], fingerprint["tokens"]):
-        raise ValueError(f"{out} holds a finished run made with other settings {diff} (old, new) or other data: "
-                         "use another --out, or delete it to train again")
-    damaged = [n for n, h in old.get("checksums", {}).items() if not (out / n).is_file() or sha256(out / n) != h]
-    if damaged:
-        raise ValueError(f"{out} holds this run, finished, but {', '.join(damaged)} is not what it wrote (missing "
-                         "or changed since): delete OUT to train again")
-    print0(f"{out} holds this run, finished ({old['steps']} steps): nothing to do")
-    return old
-
-
-def resume(out: Path, net, opt, fingerprint: dict, resumable: set = RESUMABLE) -> tuple[int, float]:
-    """(step to start from, seconds trained before): the newest checkpoint's, after checking it was made with
-    the same data and settings; metrics.jsonl is cut back to it so a resumed run logs what an unbroken one would."""
-    done = sorted((int(p.name.split("_")[1]), p) for p in (out / "checkpoints").glob("step_*")
-                  if (p / "state.pt").exists())
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in (out / "checkpoints").glob(".step_*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
-    if not done:
-        if is_main():
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        barrier()
-        return 0, 0.0
-    meta = load_state(done[-1][1], net, opt)
-    old = {k: v for k, v in meta["config"].items() if k not in resumable}
-    new = {k: v for k, v in fingerprint["config"].items() if k not in resumable}
-    if (meta["blocks"], meta["tokens"], old) != (fingerprint["blocks"], fingerprint["tokens"], new):
-        raise ValueError(f"{out} holds a run with other data or settings; repeat its command to resume, or use "
-                         "another --out")
-    if is_main() and (out / "metrics.jsonl").exists():
-        rows = [r for r in (out / "metrics.jsonl").read_text().splitlines() if json.loads(r)["step"] <= meta["step"]]
-        (out / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
-    barrier()
-    return meta["step"], meta["elapsed"]
-
-
-def moments_of(model, opt) -> dict[str, dict[str, torch.Tensor]]:
-    """AdamW's state by parameter name: {name: {"step", "exp_avg", "exp_avg_sq"}}, copies (CPU)."""
-    return {n: {k: v.detach().cpu().clone() for k, v in opt.state[p].items()}
-            for n, p in model.named_parameters() if p in opt.state}
-
-
-def set_moments(model, opt, moments: dict) -> None:
-    """Start AdamW from `moments` (moments_of's form; parameters not named start fresh)."""
-    for n, p in model.named_parameters():
-        if n in moments:
-            opt.state[p] = {k: v.to(p.device).clone() for k, v in moments[n].items()}
-
-
-def flat_moments(moments: dict) -> dict[str, torch.Tensor]:
-    """moments_of's dict as flat tensors for safetensors: NAME::step, NAME::exp_avg, NAME::exp_avg_sq."""
-    return {f"{n}::{k}": v.contiguous() for n, st in moments.items() for k, v in st.items()}
-
-
-def save_moments(path: Path, moments: dict) -> None:
-    """moments_of's dict as one safetensors file, written to a temporary file, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(flat_moments(moments), str(tmp))
-    os.replace(tmp, path)
-
-
-def load_moments(path: Path) -> dict | None:
-    """A save_moments (or flat_moments) file as moments_of's dict; None when there is none."""
-    if not path.exists():
-        return None
-    moments: dict = {}
-    for key, v in load_file(str(path)).items():
-        name, k = key.rsplit("::", 1)
-        moments.setdefault(name, {})[k] = v
-    return moments
-
-
-def autocast_for(precision: str, device: torch.device):
-    """The autocast context of --precision: bf16 matmuls under fp32 master weights, or plain fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def save_weights(path: Path, model, net, tok) -> None:
-    """The current weights as a plain HF checkpoint at `path` (rank 0 writes a temporary dir, then renames it)."""
-    sd = get_model_state_dict(net, options=FULL)  # gathers FSDP shards; a no-op copy otherwise
-    seen = set()
-    for name, p in model.named_parameters(remove_duplicate=False):  # tied weights: keep the first name only
-        if id(p) in seen:
-            sd.pop(name, None)
-        seen.add(id(p))
-    if is_main():
-        shutil.rmtree(path, ignore_errors=True)  # a resumed run rewrites the snapshot it had written
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp, state_dict=sd)
-            tok.save_pretrained(tmp)
-    barrier()
-
-
-def save_final(out: Path, model, net, tok, summary: dict) -> None:
-    """The trained weights as a plain HF checkpoint in OUT, then train_summary.json, which marks the run done.
-
-    Files are written to a temporary dir and moved in with config.json last: OUT never holds a loadable but
-    partial checkpoint. The summary lists every file's SHA-256, which finished() checks. The resumable checkpoints
-    are deleted afterwards."""
-    check_weights(net, out)
-    save_weights(out / "final", model, net, tok)
-    if is_main():
-        sums = {}
-        for f in sorted((out / "final").iterdir(), key=lambda p: p.name == "config.json"):
-            sums[f.name] = sha256(f)
-            os.replace(f, out / f.name)
-        (out / "final").rmdir()
-        atomic_write_json(out / "train_summary.json", {**summary, "checksums": sums})
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    barrier()
-
-
-def reload(model, out: Path, d: Dist):
-    """A fresh, unwrapped copy of the model from OUT (after FSDP2 the trained module holds shards only)."""
-    return load_model(str(out), dtype=str(next(model.parameters()).dtype).removeprefix("torch."), device=d.device)[0]
 
 
 def main(cfg: Config) -> dict:

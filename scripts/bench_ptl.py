@@ -25,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines  # noqa: E402
 import ptl  # noqa: E402
+import fast
 import ptl_common  # noqa: E402
 from ptl_common import alternate, count_params, parse_config  # noqa: E402
 from data import load_texts, make_batches
@@ -165,7 +166,7 @@ def hook_cost(cfg: Config) -> dict:
     g = torch.Generator().manual_seed(0)
     act, mask = torch.randn(8, 256, 1536, generator=g), torch.ones(8, 256, dtype=torch.bool)
     mask[3, 200:], mask[5, 100:] = False, False
-    spans = ptl.real_spans(mask)
+    spans = fast.real_spans(mask)
     t = interleaved({"in place": lambda: ptl.neuron_score(act, mask, spans),
                      "gathered": lambda: ptl.neuron_score(act, mask)}, 35, 5)
     print(f"4. Eq. 4 hook on (8, 256, 1536): read in place {t['in place'] * 1e3:.2f} ms, gathered "

@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ptl
+import fast
 import baselines
 from conftest import tiny_model
 from ptl_common import count_params
@@ -18,7 +19,7 @@ def test_neuron_score_is_max_abs_activation_over_real_tokens():
     mask = torch.tensor([[True, True], [True, False]])
     act[1, 1] = 100.0  # a padding position: must not count
     assert ptl.neuron_score(act, mask).tolist() == [4.0, 3.0, 9.0]
-    assert ptl.neuron_score(act, mask, ptl.real_spans(mask)).tolist() == [4.0, 3.0, 9.0]
+    assert ptl.neuron_score(act, mask, fast.real_spans(mask)).tolist() == [4.0, 3.0, 9.0]
 
 
 @settings(max_examples=100, deadline=None)
@@ -29,11 +30,11 @@ def test_reading_rows_in_place_gives_the_gathered_score_and_odd_masks_fall_back(
     for b, (s, n) in enumerate(rows):
         mask[b, s : s + n] = True
     act = torch.randn(len(rows), T, 7, generator=torch.Generator().manual_seed(seed))
-    spans = ptl.real_spans(mask)
+    spans = fast.real_spans(mask)
     assert spans == [(s, s + n) for s, n in rows]
     assert torch.equal(ptl.neuron_score(act, mask, spans), ptl.neuron_score(act, mask))
-    assert ptl.real_spans(torch.tensor([[True, False, True]])) is None, "a gap: gather instead"
-    assert ptl.real_spans(torch.tensor([[True, True], [False, False]])) is None, "an empty row: gather instead"
+    assert fast.real_spans(torch.tensor([[True, False, True]])) is None, "a gap: gather instead"
+    assert fast.real_spans(torch.tensor([[True, True], [False, False]])) is None, "an empty row: gather instead"
 
 
 def test_redundant_neurons_and_the_uniform_count_under_sigma():

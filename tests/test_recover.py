@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import recover
+import fast
+import trainer
 from conftest import assert_trained_alike, char_tokenizer, tiny_model
 from data import load_texts
 
@@ -84,7 +86,7 @@ def test_token_loss_sum_is_the_mean_cross_entropy_times_the_label_count():
     logits = torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
     labels[1, 3:] = -100
-    total, n = recover.token_loss_sum(logits, labels)
+    total, n = trainer.token_loss_sum(logits, labels)
     mean = F.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=-100)
     assert n == 6 and torch.allclose(total / n, mean)
 
@@ -103,7 +105,7 @@ def test_chunked_lm_head_cross_entropy_equals_the_plain_one_and_its_gradients(n,
     y = torch.randint(0, 13, (n,), generator=g).masked_fill(torch.rand(n, generator=g) < 0.3, -100)
     plain = _plain_loss(h, W, y, cap)
     ref = torch.autograd.grad(plain, (h, W))
-    chunked = recover.ChunkedLinearCE.apply(h, W, y, chunk, cap)
+    chunked = fast.ChunkedLinearCE.apply(h, W, y, chunk, cap)
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-5)
     for a, b in zip(torch.autograd.grad(3 * chunked, (h, W)), ref):  # backward scales by the incoming gradient
         torch.testing.assert_close(a, 3 * b, rtol=1e-5, atol=1e-5)
@@ -116,7 +118,7 @@ def test_under_bf16_autocast_the_chunked_head_matches_the_plain_one_to_bf16_prec
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = _plain_loss(h, W, y, None)
         ref = torch.autograd.grad(plain, (h, W))
-        chunked = recover.ChunkedLinearCE.apply(h, W, y, 7, None)
+        chunked = fast.ChunkedLinearCE.apply(h, W, y, 7, None)
         got = torch.autograd.grad(chunked, (h, W))
     assert chunked.dtype == torch.float32 and got[1].dtype == W.dtype
     torch.testing.assert_close(chunked, plain.float(), rtol=1e-2, atol=1e-2)
@@ -184,7 +186,7 @@ def test_selective_checkpointing_recomputes_no_matmul_and_changes_no_result(tmp_
     def matmuls(policy):  # aten matmuls in one forward and backward, with layer checkpointing by `policy`
         model = tiny_model("qwen2", layers=2).train()  # qwen2: q/k/v have biases, so addmm as well as mm
         if policy:
-            recover.checkpointing(model, True, policy)
+            fast.checkpointing(model, True, policy)
         with CountMatmuls() as c:
             model(input_ids=torch.arange(3, 19).view(2, 8)).logits.sum().backward()
         return c.n

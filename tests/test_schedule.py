@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import ptl
+import trainer
 import recover
 from conftest import ARCHS, char_tokenizer, tiny_model
 from data import load_texts
@@ -61,7 +62,7 @@ def test_a_cut_carries_the_moments_of_kept_rows_columns_and_layers_exactly_and_d
                        ("neurons", [torch.randperm(I - 3, generator=g)[:2] for _ in range(L - 1)]), ("layers", [0, 2])):
         before = {k: [list(x) if isinstance(x, list) else x for x in state[k]] for k in ("kept_layers", "kept_neurons")}
         ptl.apply_removal(model, kind, what, state)
-        moments = ptl.carry_moments(moments, model, before, state)
+        moments = trainer.carry_moments(moments, model, before, state)
         params = dict(model.named_parameters())
         assert moments.keys() == params.keys(), "a removed layer's moments are gone, a kept one's renamed"
         for n, p in params.items():
