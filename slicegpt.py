@@ -234,6 +234,15 @@ def slice_model(model: nn.Module, batches: list[dict], width: int) -> torch.Tens
 
 
 
+def slice_round(model: nn.Module, batches: list[dict], width: int) -> tuple[dict, dict]:
+    """--baseline slicegpt's one round: slice_model to `width`. -> (the round's record, its PCA spectra as the
+    round's scores: the energy each slice keeps, and the eigenvalues for scores.safetensors)"""
+    spectra = slice_model(model, batches, width)
+    rec = {"removed_neurons": {}, "removed_layers": [], "neurons_per_layer": 0, "hidden_size": width,
+           "scores": {"energy_kept": (spectra[:, :width].sum(1) / spectra.sum(1)).tolist()}}
+    return rec, {"pca_eigenvalues": spectra}
+
+
 def slice_width(model: nn.Module, ratio: float) -> int:
     """SliceGPT's d' for --target-ratio: the largest multiple of `step` whose model has <= (1 - ratio) of the dense
     model's parameters; step = lcm(8, heads) (SliceGPT rounds to 8; a config needs a multiple of the heads), or

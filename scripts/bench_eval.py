@@ -19,8 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
-from ptl_common import import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
+
 from models import DEFAULT_MODEL  # noqa: E402
+from ptl_common import import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
 
 
 @dataclass

@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-
 from sides import emit, run_sides  # noqa: E402
-from ptl_common import parse_config  # noqa: E402
+
 from models import DEFAULT_MODEL  # noqa: E402
+from ptl_common import parse_config  # noqa: E402
 
 
 @dataclass

@@ -24,12 +24,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import baselines  # noqa: E402
-import ptl  # noqa: E402
 import fast
+import ptl  # noqa: E402
 import ptl_common  # noqa: E402
-from ptl_common import alternate, count_params, parse_config  # noqa: E402
 from data import load_texts, make_batches
 from models import DEFAULT_MODEL, load_model  # noqa: E402
+from ptl_common import alternate, count_params, parse_config  # noqa: E402
 
 
 @dataclass

@@ -31,10 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-
 from sides import MATMULS, LivePeak, emit, held_mb, op_shares, peak_rss_mb, reset_peak_rss, run_sides  # noqa: E402
-from ptl_common import parse_config  # noqa: E402
+
 from models import DEFAULT_MODEL  # noqa: E402
+from ptl_common import parse_config  # noqa: E402
 
 
 @dataclass
@@ -123,9 +123,8 @@ def memory(loaded: tuple[float, bool]) -> dict:
 
 def run_trainer(cfg: Config) -> dict:
     import datasets
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
     from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     model, tok, _, data = blocks(cfg)
     loaded = peak_rss_mb(), reset_peak_rss()
@@ -167,9 +166,10 @@ def run_trainer(cfg: Config) -> dict:
 def profile(cfg: Config) -> dict:
     """Self time of each op over cfg.profile steps of recover.py (after one untimed step): the share of matmuls,
     of the LM head's cross-entropy, of AdamW, and of the wall time outside any op."""
-    import recover
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
+
+    import recover
 
     model, tok, texts, _ = blocks(cfg)
     with tempfile.TemporaryDirectory() as out:

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import report  # noqa: E402
 import slicegpt  # noqa: E402
-from ptl_common import count_params, flag, import_evaluate, run_cli  # noqa: E402
 from data import load_texts, make_batches
 from models import DEFAULT_MODEL, load_model  # noqa: E402
+from ptl_common import count_params, flag, run_cli  # noqa: E402
 
 
 @dataclass
@@ -66,7 +67,7 @@ def main(cfg: Config) -> dict:
         ref = model(**b).logits.float()
         for name, m in variants.items():
             add_drift(acc[name], ref, m(**b).logits.float(), b)
-    ev, P0 = import_evaluate(), count_params(model)["total"]
+    P0 = count_params(model)["total"]
     print(f"{cfg.model}: hidden size {model.config.hidden_size}, {P0 / 1e6:.1f}M parameters; {len(held_out)} "
           f"batches of held-out texts, {int(acc[name]['tokens'])} tokens")
     out = {}
@@ -75,7 +76,7 @@ def main(cfg: Config) -> dict:
         out[name] = {"params": P, "removed": 1 - P / P0, "max_rel_logit_diff": a["max_rel"],
                      "kl": a["kl"] / a["tokens"], "top1": a["top1"] / a["tokens"], "log_ppl": a["ce"] / a["targets"],
                      "log_ppl_dense": a["ce_dense"] / a["targets"],
-                     "flop_ratio_128": ev.forward_flops(model.config, 128) / ev.forward_flops(m.config, 128)}
+                     "flop_ratio_128": report.forward_flops(model.config, 128) / report.forward_flops(m.config, 128)}
         r = out[name]
         print(f"{name:>16}: {P / 1e6:.1f}M params ({r['removed']:.1%} removed) | FLOP ratio {r['flop_ratio_128']:.2f}x"
               f" | max |dlogit| / max |logit| {r['max_rel_logit_diff']:.1e} | KL {r['kl']:.2e} | top-1 agreement "

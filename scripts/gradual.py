@@ -76,8 +76,8 @@ from typing import NamedTuple
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import (atomic_write_json, finished_rounds, flag, load_record, parse_config, run_cli)  # noqa: E402
 from models import DEFAULT_MODEL, resolve_model  # noqa: E402
+from ptl_common import atomic_write_json, finished_rounds, flag, load_record, parse_config, run_cli  # noqa: E402
 
 PY = sys.executable
 
@@ -335,8 +335,8 @@ def distil(cell: Cell, cfg: Config, model: Path, ev: dict, train_s: float, eval_
     order of evaluate.py's `offline` benchmark (problems are named by a hash of their text, to check alignment)."""
     import torch
 
-    from ptl_common import count_params
     from models import from_config, load_config
+    from ptl_common import count_params
 
     r = ev[str(model)]["offline"]
     conf = load_config(model)

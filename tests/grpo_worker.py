@@ -4,11 +4,12 @@ import sys
 from pathlib import Path
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+from test_grpo import sevens  # noqa: E402
+
 import grpo  # noqa: E402
-from ptl_common import cleanup_dist, setup_dist  # noqa: E402
 from data import load_rows  # noqa: E402
 from models import load_model  # noqa: E402
-from test_grpo import sevens  # noqa: E402
+from ptl_common import cleanup_dist, setup_dist  # noqa: E402
 
 if __name__ == "__main__":
     model_dir, out = sys.argv[1:3]

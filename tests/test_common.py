@@ -7,11 +7,11 @@ from typing import Literal
 import pytest
 import torch
 
-from conftest import char_tokenizer
 import models
 import ptl_common
+from conftest import char_tokenizer
+from data import OfflineReasoning, held_out, load_texts, make_batches, offline_reasoning, record_text
 from ptl_common import atomic_dir, atomic_write_json, parse_config
-from data import held_out, load_texts, make_batches, offline_reasoning, OfflineReasoning, record_text
 
 
 def test_offline_reasoning_is_deterministic_and_its_arithmetic_is_right():

@@ -10,10 +10,9 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
 import grpo
-
 from conftest import char_tokenizer, tiny_config, tiny_model
-from fast import (attention_implementation, cache_arg, decode, GROWING, next_tokens, prefix_attention_name,
-                  repeat_cache, returned_cache, Sampling, shares_prefix)
+from fast import (GROWING, Sampling, attention_implementation, cache_arg, decode, next_tokens, prefix_attention_name,
+                  repeat_cache, returned_cache, shares_prefix)
 from models import DEFAULT_MODEL
 
 PROMPTS = ["Question: 12 + 30 = ? Answer:", "Question: 7 * 6? Answer:", "Q: 5 legs?"]

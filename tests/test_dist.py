@@ -7,9 +7,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import ptl_common
 import data
 import models
+import ptl_common
 from conftest import assert_trained_alike, logits, padded_batch
 
 ROOT = Path(__file__).resolve().parents[1]

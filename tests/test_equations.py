@@ -6,9 +6,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import ptl
-import fast
 import baselines
+import fast
+import ptl
 from conftest import tiny_model
 from ptl_common import count_params
 

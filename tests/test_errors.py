@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
+import data
 import grpo
+import models
 import ptl
 import ptl_common
-import data
-import models
 import recover
 
 ev = ptl_common.import_evaluate()

@@ -15,10 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
-import ptl
-import slicegpt
-import ptl_common
 import data
+import ptl
+import ptl_common
+import report
+import slicegpt
 from conftest import ARCHS, char_tokenizer, tiny_model
 
 ev = ptl_common.import_evaluate()
@@ -91,18 +92,18 @@ def _counted(model, T: int) -> int:
 @pytest.mark.parametrize("arch", ARCHS)
 def test_forward_flops_equal_torch_flop_counter_before_and_after_surgery(arch):
     model = tiny_model(arch, layers=3, inter=24)
-    assert ev.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
+    assert report.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
     ptl.prune_neurons(model, [torch.arange(0, 24, 2)] * 3)
     ptl.drop_layers(model, [1])
-    assert ev.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
+    assert report.forward_flops(model.config, 17, batch=2) == _counted(model, 17)
 
 
 def test_pruning_k_neurons_per_layer_saves_exactly_6_h_k_L_flops_per_token():
     model = tiny_model("llama", layers=3, inter=24)
-    before = ev.forward_flops(model.config, 50)
+    before = report.forward_flops(model.config, 50)
     ptl.prune_neurons(model, [torch.arange(5, 24)] * 3)  # k = 5
     h, L = model.config.hidden_size, model.config.num_hidden_layers
-    assert before - ev.forward_flops(model.config, 50) == 2 * 3 * h * 5 * L * 50
+    assert before - report.forward_flops(model.config, 50) == 2 * 3 * h * 5 * L * 50
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])  # gemma2: sliding-window layers in the shared prefix
@@ -225,7 +226,7 @@ def test_the_report_renders_from_a_real_ptl_run(tmp_path, tiny_dirs):
                      layer_target=1, out=str(tmp_path / "run"), eval_every_round=True,
                      eval_flags=f"--tasks gsm8k --data-dir {data} --max-new-tokens 4 --no-add-bos")
     ptl.main(cfg)
-    res = ev.report(tmp_path / "run")
+    res = report.write_report(tmp_path / "run")
     assert [r["model"] for r in res["rows"]] == ["dense", "round 1 (neurons)", "round 2 (layers)"]
     assert all("gsm8k" in r["accuracy"] for r in res["rows"])
     assert res["rows"][0]["flop_ratio_128"] == 1.0 < res["rows"][1]["flop_ratio_128"] < res["rows"][2]["flop_ratio_128"]
@@ -240,7 +241,7 @@ def test_unknown_tasks_and_missing_files_say_what_to_do(tmp_path):
     with pytest.raises(FileNotFoundError, match="--data-dir must hold gsm8k/test.jsonl"):
         ev.load_benchmark("gsm8k", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no finished PTL round"):
-        ev.report(tmp_path)
+        report.write_report(tmp_path)
 
 
 def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(tmp_path, tiny_dirs):
@@ -248,7 +249,7 @@ def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(
     (tmp_path / "dense_eval.json").write_text(json.dumps({"gsm8k": {"accuracy": 0.5}}))
     rec = ptl_common.load_record(tmp_path / "round_1")
     (tmp_path / "round_1" / "ptl_record.json").write_text(json.dumps({**rec, "eval": {"gsm8k": {"accuracy": 0.2}}}))
-    dense, r1 = ev.report(tmp_path)["rows"]
+    dense, r1 = report.write_report(tmp_path)["rows"]
     assert dense["retention"] == {"gsm8k": 1.0} and r1["retention"] == {"gsm8k": pytest.approx(0.4)}
     assert r1["removed"] == pytest.approx(1 - rec["params_after"]["total"] / rec["params_before"]["total"])
 

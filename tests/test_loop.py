@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-import ptl
 import baselines
+import ptl
 import ptl_common
 from conftest import ARCHS, char_tokenizer, tiny_model
 from ptl_common import count_params

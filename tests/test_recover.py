@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
-import recover
 import fast
+import recover
 import trainer
 from conftest import assert_trained_alike, char_tokenizer, tiny_model
 from data import load_texts

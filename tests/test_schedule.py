@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 import ptl
-import trainer
 import recover
+import trainer
 from conftest import ARCHS, char_tokenizer, tiny_model
 from data import load_texts
 from models import load_model

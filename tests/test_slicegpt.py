@@ -11,14 +11,15 @@ from safetensors.torch import load_file
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM
 
+import models
 import ptl
 import ptl_common
-import slicegpt
-import models
 import recover
+import report
+import slicegpt
 from conftest import char_tokenizer, logits, padded_batch, tiny_model
-from ptl_common import import_evaluate
 from data import load_texts
+from ptl_common import import_evaluate
 
 ev = import_evaluate()
 
@@ -130,7 +131,7 @@ def test_forward_flops_count_the_shortcuts_and_equal_torch_flop_counter():
     model = sliced("llama", 16)
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         model(input_ids=torch.randint(3, 100, (2, 17)))
-    assert ev.forward_flops(model.config, 17, batch=2) == fc.get_total_flops()
+    assert report.forward_flops(model.config, 17, batch=2) == fc.get_total_flops()
 
 
 def test_recover_trains_a_sliced_model_and_saves_it_loadable(tmp_path):
@@ -179,6 +180,6 @@ def test_the_slicegpt_baseline_runs_end_to_end_recovers_reports_and_resumes(tiny
     assert r["removed_ratio"] >= 0.2 and len(rec["scores"]["energy_kept"]) == 2 * 4 + 1
     assert load_file(tmp_path / "round_1" / "scores.safetensors")["pca_eigenvalues"].shape == (9, 32)
     assert ptl.main(ptl.Config(**flags))["records"] == []  # resumed: nothing left to do
-    assert ev.report(tmp_path)["rows"][1]["flop_ratio_128"] > 1
+    assert report.write_report(tmp_path)["rows"][1]["flop_ratio_128"] > 1
     with pytest.raises(ValueError, match="--layer-target would be ignored"):
         ptl.Config(**{**flags, "layer_target": 1})

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, Phi3Config, Phi3ForCausalLM
 
-import ptl
 import baselines
+import ptl
 import ptl_common
 from conftest import ARCHS, logits, padded_batch, tiny_model
 
