@@ -56,7 +56,7 @@ import torch
 from tqdm import tqdm
 
 from data import OfflineReasoning, chat_prompt, last_boxed, math_equal, pad_id, question_answer, read_jsonl
-from fast import cache_arg, decode, eos_ids, repeat_cache, returned_cache, shares_prefix
+from fast import cache_arg, common_prefix, decode, eos_ids, prefix_cache, repeat_cache, shares_prefix
 from models import DEFAULT_MODEL, load_model
 from ptl_common import (all_reduce_dict, alternate, atomic_write_json, check_ranges, check_read, cleanup_dist,
                         count_params, flag, is_main, parse_config, print0, run_cli, setup_dist, spread,
@@ -290,23 +290,6 @@ def _cut(text: str, stop: list[str]) -> str:
 def encode(tok, text: str, add_bos: bool) -> list[int]:
     """Token ids of a prompt, with BOS in front if asked and the text does not already start with it."""
     return tok(text, add_special_tokens=add_bos and not text.startswith(tok.bos_token or "\0"))["input_ids"]
-
-
-def common_prefix(ids: list[list[int]]) -> int:
-    """Length of the longest token prefix that every sequence shares, leaving each at least one token of its own."""
-    if len(ids) < 2:
-        return 0
-    c, shortest = 0, min(map(len, ids))
-    while c < shortest - 1 and all(x[c] == ids[0][c] for x in ids):
-        c += 1
-    return c
-
-
-def prefix_cache(model, ids: list[int]):
-    """The KV cache of a shared prefix `ids` for one row (None for an empty prefix)."""
-    if not ids:
-        return None
-    return returned_cache(model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True))
 
 
 @torch.no_grad()

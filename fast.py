@@ -306,6 +306,24 @@ def eos_ids(model, tok) -> set[int]:
     return ({tok.eos_token_id} | set(cfg_eos if isinstance(cfg_eos, list) else [cfg_eos])) - {None}
 
 
+def common_prefix(ids: list[list[int]]) -> int:
+    """Length of the longest token prefix that every sequence shares, leaving each at least one token of its own."""
+    if len(ids) < 2:
+        return 0
+    c, shortest = 0, min(map(len, ids))
+    while c < shortest - 1 and all(x[c] == ids[0][c] for x in ids):
+        c += 1
+    return c
+
+
+
+def prefix_cache(model, ids: list[int]):
+    """The KV cache of a shared prefix `ids` for one row (None for an empty prefix)."""
+    if not ids:
+        return None
+    return returned_cache(model(input_ids=torch.tensor([ids], device=next(model.parameters()).device), use_cache=True))
+
+
 # ----------------------------------------------------------------------------- training (recover.py, grpo.py)
 
 

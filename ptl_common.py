@@ -1,8 +1,5 @@
-"""Plumbing shared by ptl.py, recover.py, grpo.py and evaluate.py.
-
-Config flags from a dataclass, the distributed helper pair, atomic writes, model loading (with the offline
-default model) and reasoning data. Nothing here implements a paper equation: those live in the scripts.
-"""
+"""What every module needs and no paper equation: config flags from a dataclass, the distributed helper pair,
+timing, atomic checkpoint I/O, and the accessors through which all surgery reaches a model's layers and FFNs."""
 from __future__ import annotations
 
 import argparse
