@@ -116,10 +116,15 @@ def completion_mask(ids: torch.Tensor, eos_ids) -> torch.Tensor:
     return (torch.arange(ids.shape[1], device=ids.device)[None] <= first[:, None]).long()
 
 
+def easyr1_normalise(text: str) -> str:
+    """EasyR1's reward functions read the response with the spaces around <, > and / removed."""
+    return re.sub(r"\s*(<|>|/)\s*", r"\1", text)
+
+
 def format_reward(text: str) -> float:
-    """EasyR1's math format: with spaces around <, > and / removed, the response fullmatches
+    """EasyR1's math format: the normalised response (easyr1_normalise) fullmatches
     <think>.*</think>.*\\boxed{.*}.* (DOTALL) -> 1.0, else 0.0."""
-    t = re.sub(r"\s*(<|>|/)\s*", r"\1", text)
+    t = easyr1_normalise(text)
     return 1.0 if re.fullmatch(r"<think>.*</think>.*\\boxed\{.*\}.*", t, re.DOTALL) else 0.0
 
 
@@ -149,7 +154,7 @@ def mathruler_accuracy(text: str, answer: str, timeout: float = 5.0) -> float | 
 
     def alarm(signum, frame):
         raise TimeoutError
-    response = re.sub(r"\s*(<|>|/)\s*", r"\1", text)
+    response = easyr1_normalise(text)
     old = signal.signal(signal.SIGALRM, alarm)
     signal.alarm(max(1, int(timeout)))
     try:

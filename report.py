@@ -59,9 +59,13 @@ def round_line(rec: dict, model) -> str:
            f"-{rec['neurons_per_layer']} neurons -{len(rec['removed_layers'])} layers")
     return (f"round {rec['round']} | {kind} {cut} | width {model.config.intermediate_size} | layers "
             f"{model.config.num_hidden_layers} | params {human(after)} ({1 - after / P0:.1%} removed) | "
-            f"{rec['time_s']:.1f}s" + "".join(f" | {summary_line(name, rec[key])}" for key, name in
-                                              (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in rec
-                                                                             else "pruned")) if key in rec))
+            f"{rec['time_s']:.1f}s" + "".join(f" | {line}" for line in round_evals(rec)))
+
+
+def round_evals(rec: dict) -> list[str]:
+    """The summary lines of a round's evaluations: after the cut ("pruned") and after recovery ("recovered")."""
+    labels = (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in rec else "pruned"))
+    return [summary_line(name, rec[key]) for key, name in labels if key in rec]
 
 
 
@@ -79,8 +83,7 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg) -> str
     if dense_eval:
         lines.append(f"  {summary_line('dense', dense_eval)}")
     for r in records:
-        lines += [f"  round {r['round']}: {summary_line(name, r[key])}" for key, name in
-                  (("eval_pruned", "pruned"), ("eval", "recovered" if "recovery" in r else "pruned")) if key in r]
+        lines += [f"  round {r['round']}: {line}" for line in round_evals(r)]
     model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
     sliced = load_config(out / f"round_{T}").model_type == "ptl_slicegpt"
     kind = ("SliceGPT ones: models.load_model reads them, stock loaders cannot" if sliced
