@@ -4,6 +4,7 @@ checkpoint directory or a hub name, SliceGPT checkpoints included.
 from __future__ import annotations
 
 import functools
+import json
 import importlib.util
 import os
 import socket
@@ -11,6 +12,7 @@ import urllib.parse
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from ptl_common import atomic_dir, barrier, is_main, nonfinite
 from slicegpt import sliced_config, sliced_model_class
@@ -95,6 +97,9 @@ def hub_unreachable(timeout: float = 3.0) -> bool:
 
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "cpu", attn: str | None = None):
     """(model, tokenizer) from `smollm2-135m`, a local checkpoint directory or a hub name, in eval mode.
 
@@ -106,6 +111,9 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
     if dtype == "auto":  # bf16 where it is fast (CUDA), fp32 on CPU
         dtype = "bfloat16" if device.type == "cuda" else "float32"
     local = Path(path).is_dir() or hub_unreachable()  # offline: the cache at once, not after minutes of retries
+    if Path(path).is_dir() and not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(f"checkpoint {path} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): save the "
+                                "tokenizer beside the weights (tokenizer.save_pretrained)")
     try:
         sliced = sliced_config(path)  # the tokenizer reads the config too, for its class
         tok = AutoTokenizer.from_pretrained(path, local_files_only=local, **({"config": sliced} if sliced else {}))
@@ -113,9 +121,13 @@ def load_model(name: str, *, dtype: str = "auto", device: str | torch.device = "
         model = cls.from_pretrained(path, config=sliced, dtype=getattr(torch, dtype), attn_implementation=attn,
                                     local_files_only=local)
     except OSError as e:
+        if Path(path).is_dir():  # a file is missing: say which checkpoint, in one line
+            raise FileNotFoundError(f"checkpoint {path} is incomplete: {str(e).splitlines()[0]}") from e
         why = "the Hugging Face hub cannot be reached and it is not in the cache" if local else str(e).splitlines()[0]
         raise FileNotFoundError(f"Could not load model {name!r}: it is not a local checkpoint directory, and {why}. "
                                 f"Offline, use --model {DEFAULT_MODEL} or a local checkpoint directory.") from e
+    except (SafetensorError, json.JSONDecodeError) as e:  # a truncated or overwritten file
+        raise ValueError(f"checkpoint {path} is damaged ({type(e).__name__}: {e}); restore it or make it again") from e
     if bad := nonfinite(model):
         raise ValueError(f"model {name!r}: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); refusing to "
                          "use it (a diverged training run?)")

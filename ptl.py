@@ -456,6 +456,8 @@ def resume_or_start(cfg: Config, d) -> tuple:
     L, I = model.config.num_hidden_layers, model.config.intermediate_size
     if cfg.layer_target >= L:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
+    if cfg.neuron_rule == "released":  # round 1's n, now rather than after its calibration pass
+        baselines.top_count(cfg.top_n(1), I)
     if cfg.apply_removal:
         left = baselines.plan_left(baselines.read_plan(cfg.apply_removal), L, I)
     elif cfg.baseline == "shortgpt":

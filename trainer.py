@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -91,7 +92,10 @@ def save_state(path: Path, model, opt, step: int, extra: dict) -> None:
 
 def load_state(path: Path, model, opt) -> dict:
     """Restore a save_state checkpoint on every rank (rank 0 reads it and broadcasts)."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=False) if is_main() else {}
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False) if is_main() else {}
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten since it was written
+        raise ValueError(f"{path / 'state.pt'} is damaged ({e}); delete {path} to resume from the start instead")
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, state.get("model", {}), options=opts)
     set_optimizer_state_dict(model, opt, state.get("optim", {}), options=opts)

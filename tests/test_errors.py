@@ -141,6 +141,35 @@ def test_a_model_with_non_finite_weights_is_refused_where_it_loads(tmp_path):
         models.load_model(str(tmp_path))
 
 
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:100]),
+     "is damaged .SafetensorError"),
+    (lambda d: (d / "config.json").write_text("{not json"), "is damaged .JSONDecodeError"),
+    (lambda d: [f.unlink() for f in d.glob("tokenizer*")], "has no tokenizer"),
+])
+def test_a_damaged_checkpoint_is_named_in_one_line(damage, message, tiny_dirs, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_dirs["llama"], tmp_path / "m")
+    damage(tmp_path / "m")
+    with pytest.raises((ValueError, FileNotFoundError), match=f"checkpoint {tmp_path / 'm'} {message}") as e:
+        models.load_model(str(tmp_path / "m"))
+    assert "\n" not in str(e.value)
+
+
+def test_a_damaged_resumable_checkpoint_is_named_and_not_resumed_from(tmp_path):
+    import torch
+
+    from conftest import tiny_model
+    import trainer
+
+    (tmp_path / "step_2").mkdir()
+    (tmp_path / "step_2" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    model = tiny_model("llama", layers=1)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'step_2' / 'state.pt'} is damaged .*delete"):
+        trainer.load_state(tmp_path / "step_2", model, torch.optim.AdamW(model.parameters()))
+
+
 def test_grpo_refuses_prompts_its_length_limit_would_cut_and_empty_questions():
     from conftest import char_tokenizer
 
@@ -230,3 +259,11 @@ def test_gradual_stats_refuses_no_resamples_and_a_missing_results_directory(tmp_
         gradual_stats.Config(reps=0)
     with pytest.raises(ValueError, match="is not a directory of gradual.py results"):
         gradual_stats.Config(results=str(tmp_path / "none"))
+
+
+def test_a_released_top_n_too_large_for_the_model_is_refused_before_any_calibration_text_is_read(tiny_dirs, tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setattr(ptl, "calibration_texts", lambda *a: pytest.fail("calibration texts were read"))
+    with pytest.raises(ValueError, match="--released-top-n 40.0 leaves no neuron outside the bottom-n of a 40-wide"):
+        ptl.main(ptl.Config(model=tiny_dirs["llama"], out=str(tmp_path / "o"), neuron_rule="released",
+                            released_top_n="40", rounds=1, target_ratio=0.0))
