@@ -126,33 +126,44 @@ def write_report(run: str | Path) -> dict:
         rows.append({"model": label, "params": params["total"], "non_embedding": params["non_embedding"],
                      "removed": 1 - params["total"] / recs[0]["dense"]["params"]["total"],
                      "accuracy": {k: v["accuracy"] for k, v in ev.items() if "accuracy" in v},
+                     "gold_logprob": {k: v["gold_logprob"] for k, v in ev.items() if v.get("gold_logprob") is not None},
                      "flops_per_question": {k: v.get("flops_per_question") for k, v in ev.items()},
-                     "flop_ratio_128": f0 / forward_flops(conf, 128), "recovery_s": recovery,
+                     "flops_128": forward_flops(conf, 128), "flop_ratio_128": f0 / forward_flops(conf, 128),
+                     "recovery_s": recovery,
                      "layers": conf.num_hidden_layers, "width": conf.intermediate_size})
     tasks = sorted({k for r in rows for k in r["accuracy"]})
     for r in rows:  # performance retention Perf(M') / Perf(M) (the related study's metric), per benchmark
         r["retention"] = {t: r["accuracy"][t] / rows[0]["accuracy"][t] for t in r["accuracy"]
                           if rows[0]["accuracy"].get(t)}
-    head = ["model", "params", "R", "layers", "FFN width", *tasks, "retention", "GFLOPs/question", "FLOP ratio",
-            "recovery"]
+    md = f"# PTL run `{run}`\n\n" + report_table(rows, tasks)
+    (run / "report.md").write_text(md)
+    atomic_write_json(run / "report.json", {"rows": rows})
+    _plot(rows, tasks, run / "rounds.png")
+    return {"rows": rows, "markdown": md}
+
+
+def report_table(rows: list[dict], tasks: list[str]) -> str:
+    """write_report's markdown: a legend, then one row per model."""
+    lp = sorted({k for r in rows for k in r["gold_logprob"]})
+    head = ["model", "params", "R", "layers", "FFN width", *tasks, *(f"{t} gold log-prob" for t in lp), "retention",
+            "GFLOPs/question", "GFLOPs (128 tokens)", "FLOP ratio", "recovery"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         fq = [x for x in r["flops_per_question"].values() if x]
         cells = [r["model"], human(r["params"]), f"{r['removed']:.1%}", str(r["layers"]), str(r["width"]),
                  *(f"{100 * r['accuracy'][t]:.1f}" if t in r["accuracy"] else "—" for t in tasks),
+                 *(f"{r['gold_logprob'][t]:.4f}" if t in r["gold_logprob"] else "—" for t in lp),
                  f"{statistics.mean(r['retention'].values()):.2f}" if r["retention"] else "—",
-                 f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flop_ratio_128']:.2f}x",
-                 f"{r['recovery_s'] / 60:.1f} min"]
+                 f"{statistics.mean(fq) / 1e9:.1f}" if fq else "—", f"{r['flops_128'] / 1e9:.1f}",
+                 f"{r['flop_ratio_128']:.2f}x", f"{r['recovery_s'] / 60:.1f} min"]
         lines.append("| " + " | ".join(cells) + " |")
     measured = ", ".join(tasks) or "no evaluation recorded: ptl.py --eval-every-round"
-    md = (f"# PTL run `{run}`\n\nAccuracy in % ({measured});"
-          " R = 1 - params / dense params (compression ratio); retention = accuracy / dense accuracy, averaged over"
-          " the benchmarks; FLOP ratio = dense / this model for one 128-token forward; recovery time cumulative.\n\n"
-          + "\n".join(lines) + "\n")
-    (run / "report.md").write_text(md)
-    atomic_write_json(run / "report.json", {"rows": rows})
-    _plot(rows, tasks, run / "rounds.png")
-    return {"rows": rows, "markdown": md}
+    return (f"Accuracy in % ({measured}); gold log-prob = the mean log-probability of the reference solution's "
+            "tokens, where recorded (it moves before accuracy does on a small model). R = 1 - params / dense params "
+            "(compression ratio); retention = accuracy / dense accuracy, averaged over the benchmarks; GFLOPs/question "
+            "counts each question's own prompt and generated length (a model that stops early looks cheaper), "
+            "GFLOPs (128 tokens) one forward of a pinned length; FLOP ratio = dense / this model at 128 tokens; "
+            "recovery time cumulative.\n\n" + "\n".join(lines) + "\n")
 
 
 def _plot(rows: list[dict], tasks: list[str], path: Path) -> None:

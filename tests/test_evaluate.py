@@ -246,11 +246,16 @@ def test_unknown_tasks_and_missing_files_say_what_to_do(tmp_path):
 
 def test_the_report_gives_compression_ratio_and_retention_against_the_dense_row(tmp_path, tiny_dirs):
     ptl.main(ptl.Config(model=tiny_dirs["llama"], calib_samples=4, max_length=32, rounds=1, out=str(tmp_path)))
-    (tmp_path / "dense_eval.json").write_text(json.dumps({"gsm8k": {"accuracy": 0.5}}))
+    (tmp_path / "dense_eval.json").write_text(json.dumps({"gsm8k": {"accuracy": 0.5, "gold_logprob": -1.25}}))
     rec = ptl_common.load_record(tmp_path / "round_1")
-    (tmp_path / "round_1" / "ptl_record.json").write_text(json.dumps({**rec, "eval": {"gsm8k": {"accuracy": 0.2}}}))
-    dense, r1 = report.write_report(tmp_path)["rows"]
+    ev1 = {"gsm8k": {"accuracy": 0.2, "gold_logprob": -1.5}}
+    (tmp_path / "round_1" / "ptl_record.json").write_text(json.dumps({**rec, "eval": ev1}))
+    res = report.write_report(tmp_path)
+    dense, r1 = res["rows"]
     assert dense["retention"] == {"gsm8k": 1.0} and r1["retention"] == {"gsm8k": pytest.approx(0.4)}
+    assert "gsm8k gold log-prob" in res["markdown"] and "| -1.2500 |" in res["markdown"] and "| -1.5000 |" in res[
+        "markdown"], "the metric that moves on a small model is in the table"
+    assert dense["flops_128"] > r1["flops_128"] and "GFLOPs (128 tokens)" in res["markdown"]
     assert r1["removed"] == pytest.approx(1 - rec["params_after"]["total"] / rec["params_before"]["total"])
 
 
