@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import shlex
 import shutil
 import time
@@ -303,6 +304,8 @@ class Config:
     seed: int = flag(0, "which calibration texts are drawn (and --protect-data lines)")
 
     def __post_init__(self):
+        if Path(self.model).exists():  # DIR/ and DIR are one model: the resume check compares the recorded spelling
+            self.model = os.path.normpath(self.model)
         check_ranges(self, positive=("calib_samples", "max_length", "batch_size"),
                      non_negative=("rounds", "protect_samples", "layer_target", "sigma_neuron", "sigma_layer"))
         sized = self.target_ratio or (self.baseline == "prune-once" and self.layer_target)

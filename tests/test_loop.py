@@ -467,3 +467,8 @@ def test_every_layer_criterion_ranks_an_identity_layer_least_important(rule, tmp
     rec = records(tmp_path / "out")[0]
     s = rec["scores"]["layer"]
     assert rec["removed_layers"] == [2] and s[2] == pytest.approx(0, abs=1e-6) and min(s[:2] + s[3:]) > 1e-4
+
+
+def test_a_run_resumes_whether_its_model_directory_is_spelled_with_a_trailing_slash_or_not(tiny_dirs, tmp_path):
+    run(tiny_dirs["llama"] + "/", tmp_path / "out", rounds=1, target_ratio=0.0)
+    assert run(tiny_dirs["llama"], tmp_path / "out", rounds=2, target_ratio=0.0)["rounds"] == 2
