@@ -5,38 +5,8 @@ the rewards within the group to get each response's advantage; update the policy
 plus a k3 KL penalty to a frozen reference, averaged over every response token of the batch (DeepSeekMath
 Section 4.1; clip ratios, dual clip and the KL estimator as in EasyR1/verl, the authors' RL framework).
 
-Defaults, by source: [paper] Section 3.1: 8 responses per prompt, rollout batch = global batch = 128 prompts,
-temperature 1.0, constant lr 1e-6. [released] the authors' EasyR1 config (github.com/Arrebol-logos/PTL,
-EasyR1/examples/config.yaml): top_p 0.99, weight decay 1e-2, k3 ("low_var_kl") KL loss with coef 1e-2, prompts
-up to 2048 and responses up to 3000 tokens, 15 epochs, no warmup, math12k in 10 parts of ~1.2k prompts.
-[EasyR1 code] its actor defaults: clip 0.2 / 0.3, dual clip 3, gradient clip 1.0, one update per rollout,
-token-mean loss; its math reward: format weight 0.1. EasyR1's upstream examples/config.yaml differs (n 5,
-512-prompt rollouts updated in 4 mini-batches of 128, top_p 1.0, responses up to 2048 tokens, mathruler's
-grader): `--group-size 5 --rollout-batch 512 --mini-batches 4 --top-p 1.0 --max-response-length 2048
---grader mathruler` (scripts/recipes.py easyr1-upstream).
-
-Choices:
-1. One policy update per rollout batch, so the ratio is 1 at the update and clipping never binds;
-   --mini-batches k splits a rollout into k updates, with old log-probs taken before the first.
-2. Loss aggregation: the global token mean (sum of token losses / all-reduced count of response tokens),
-   verl's "token-mean", the authors' setting; not the original GRPO's mean of per-response means.
-3. Advantages use the unbiased std (as verl and TRL) and eps 1e-6; a constant group gets exactly 0.
-4. A prompt's whole group is generated and scored on one rank, so group statistics need no all-gather.
-   The builtin rollout engine draws response g of prompt i with its own generator, seeded by (seed, step, i, g),
-   so rollouts do not depend on the world size or the batch; --rollout-engine hf seeds once per generate call
-   (--gen-batch prompts), so there only --gen-batch 1 makes them independent of the world size.
-5. --prompt chat is the authors' prompt: one user turn through the chat template, with their suffix.
-   --prompt fewshot is "Question: q Answer:" after three worked examples that end in EOS. `auto` takes
-   fewshot for offline data, because a model as small as the default one earns almost no reward through the
-   chat template (the README gives the measurement).
-6. A reward that cannot be computed (a gold answer math-verify cannot parse, a timeout) is never a silent 0:
-   the response leaves its group's statistics and the loss, and the step reports it as `skipped`.
-7. Accuracy is graded by math-verify (default, lenient: \\frac{2}{4} is 1/2) or, with --grader mathruler, by
-   EasyR1's own grader (stricter, and 0 wherever sympy fails, as EasyR1 scores it). Both read the last
-   \\boxed{} only, as EasyR1's format rule does; \\fbox counts in evaluation (evaluate.py), not in rewards.
-8. A group's prompt is run once for its G responses, in the rollout and in the log-probs of the update (its
-   KV cache repeated for the G rows, its gradient summed over them): a step costs P + G R positions for a
-   P-token prompt and R-token responses, not G (P + R).
+Each default names its source (the paper, the authors' EasyR1 config, EasyR1's code) in --help; the choices made
+here, and why: docs/recovery.md.
 
     python grpo.py --rollout-batch 8 --max-response-length 48 --max-steps 5 --out /tmp/grpo     # CPU, offline
     torchrun --nproc_per_node 8 grpo.py --model out/qwen/round_2 --data hiyouga/math12k --samples 1200 \\

@@ -7,15 +7,7 @@ accumulation = global batch / (micro batch x world), no gradient sync before the
 non-reentrant gradient checkpointing (--grad-ckpt), bf16 autocast on CUDA and fp32 on CPU. DDP by default;
 --fsdp shards every decoder layer with FSDP2 (`fully_shard`) so that 7-9B models fit with AdamW state.
 
-Choices, against the paper and the authors' LLaMA-Factory yamls:
-1. Defaults are the paper's text: lr 8e-6, global batch 32, 1024 tokens, 1 epoch, cosine, warmup 0.05. The
-   released yamls use lr 4e-6 (Llama, Qwen; 8e-6 for Gemma2) and cutoff_len 512.
-2. Each document starts as the tokenizer starts it (BOS where the model has one); LLaMA-Factory's pt stage
-   adds BOS only for Gemma. Packed documents see each other, as in LLaMA-Factory's pt stage.
-3. The last partial block is kept (padded; padding has no labels), and so is an epoch's last partial global
-   batch (filled up with label-free copies of other blocks): every token is trained on once per epoch, and
-   every step has --global-batch blocks of one shape on every rank.
-4. FSDP2 stands in for DeepSpeed ZeRO-2 (FSDP2 also shards the parameters, like ZeRO-3).
+The choices made here against the paper and the authors' LLaMA-Factory yamls, and why: docs/recovery.md.
 
     python recover.py --data offline --samples 512 --max-length 256 --max-steps 20 --out /tmp/cpt   # CPU
     torchrun --nproc_per_node 8 recover.py --model out/llama3/round_3 --out out/llama3/round_3_cpt \\
