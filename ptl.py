@@ -367,7 +367,6 @@ class Config:
             raise ValueError(f"--recovery {kind} needs a data size per round: --{kind}-flags '--samples N ...'")
         return rc
 
-
     def top_ns(self) -> list[float]:
         return [float(x) for x in self.released_top_n.split(",")]
 
