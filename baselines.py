@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from ptl_common import all_reduce_, count_params, decoder_layers, ffn, hidden_in, is_main
+from slicegpt import check_sliceable, slice_width
 from trainer import token_loss_sum
 
 # ----------------------------------------------------------------------------- the authors' released rule
@@ -210,6 +211,20 @@ def one_cut_rule(cfg):
     flags, and is not refused as such."""
     return replace(cfg, baseline="none", neuron_step=1.0, layer_step=10**9,
                    layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
+
+
+def one_cut_left(model, cfg) -> dict | None:
+    """What a one-cut method removes from the dense model, as the loop's `left` (None for PTL itself):
+    --apply-removal's plan, ShortGPT's layers, or SliceGPT's slice of the hidden size ("width")."""
+    L, I = model.config.num_hidden_layers, model.config.intermediate_size
+    if cfg.apply_removal:
+        return plan_left(read_plan(cfg.apply_removal), L, I)
+    if cfg.baseline == "shortgpt":
+        return {"neurons": 0, "layers": shortgpt_layers(model, cfg.target_ratio)}
+    if cfg.baseline == "slicegpt":
+        check_sliceable(model)
+        return {"neurons": 0, "layers": 0, "width": model.config.hidden_size - slice_width(model, cfg.target_ratio)}
+    return None
 
 
 def shortgpt_layers(model, ratio: float) -> int:

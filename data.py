@@ -134,6 +134,12 @@ def load_texts(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "t
     return [record_text(rec, where) for where, rec in load_rows(spec, n=n, seed=seed, offset=offset, split=split)]
 
 
+def load_qa(spec: str, *, n: int, seed: int, offset: int = 0) -> list[tuple[str, str]]:
+    """load_rows as (question, gold answer) pairs, each row checked (see question_answer): GRPO's prompts."""
+    return [question_answer(rec, where) for where, rec in load_rows(spec, n=n, seed=seed, offset=offset,
+                                                                     check=question_answer)]
+
+
 def load_rows(spec: str, *, n: int, seed: int, offset: int = 0, split: str = "train", check=record_text) -> list:
     """(where, record) rows offset .. offset+n of one seeded permutation of the union of comma-separated sources.
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import OfflineReasoning, chat_prompt, last_boxed, load_rows, math_equal, question_answer
+from data import OfflineReasoning, chat_prompt, last_boxed, load_qa, math_equal
 from fast import Sampling, cache_arg, decode, positions, repeat_cache, returned_cache
 from models import DEFAULT_MODEL, load_model
 from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, setup_dist
@@ -467,8 +467,7 @@ def train_step(net, policy, ref, opt, prompts, responses, adv, use, cfg: Config,
 def main(cfg: Config) -> dict:
     d = setup_dist(cfg.device)
     model, tok = load_model(cfg.model, dtype="float32", device=d.device)
-    rows = [question_answer(rec, where) for where, rec in
-            load_rows(cfg.data, n=cfg.samples, seed=cfg.seed, offset=cfg.data_offset, check=question_answer)]
+    rows = load_qa(cfg.data, n=cfg.samples, seed=cfg.seed, offset=cfg.data_offset)
     result = train(model, tok, rows, cfg)
     cleanup_dist()
     return {k: v for k, v in result.items() if k != "model"}

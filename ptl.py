@@ -32,7 +32,7 @@ from tqdm import tqdm
 import baselines
 import recover
 import trainer
-from data import calibration_texts, load_rows, load_texts
+from data import calibration_texts, load_qa, load_texts
 from fast import real_spans
 from models import DEFAULT_MODEL, load_model
 from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges, check_read, check_supported,
@@ -40,7 +40,7 @@ from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges,
                         import_evaluate, is_main, load_record, parse_config, prepare_out, print0, run_cli,
                         save_checkpoint, settings_changed, setup_dist, unshadow_evaluate)
 from report import round_line, score_summary, summary, summary_line
-from slicegpt import check_sliceable, slice_round, slice_width
+from slicegpt import slice_round
 
 # ----------------------------------------------------------------------------- equations (pure)
 
@@ -251,39 +251,29 @@ class Config:
     sigma_neuron: float | None = flag(None, "Eq. 4 threshold; sets k per round instead of --neuron-step")
     sigma_layer: float | None = flag(None, "Eq. 6 threshold; sets the layers per round")
     neuron_rule: Literal["eq4", "released", "taylor"] = flag(
-        "eq4", "eq4: max |Act| over every token (the paper); released: the authors' code (signed bottom-n, "
-               "intersected); taylor: LLM-Pruner's first-order importance of each neuron's gate/up/down group")
+        "eq4", "eq4: max |Act| over tokens (the paper); released: the authors' code; taylor: LLM-Pruner's importance")
     taylor_variant: Literal["element", "vector"] = flag("element", "--neuron-rule taylor: LLM-Pruner's element-wise "
                                                                    "(param_first) or vector-wise (vectorize) score")
     layer_rule: Literal["distance", "bi", "ppl", "taylor"] = flag(
-        "distance",
-        "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor")
-    released_top_n: str = flag("0.84", "released rule: n of the bottom-n (top-n for --protect-data) per round, "
-                                       "comma-separated, the last repeating; < 1 a fraction of the current width, "
-                                       "else a count (the authors: Llama 12000, 12000, 11000, 10000 of 14336; their "
-                                       "Qwen loop 16000, 15000, ... of 18944)")
+        "distance", "Eq. 5; ShortGPT's Block Influence; perplexity change with the layer removed; first-order Taylor")
+    released_top_n: str = flag("0.84", "released rule: n of the bottom-n per round, comma-separated, the last "
+                                       "repeating; < 1 a fraction of the width, else a count (docs/usage.md)")
     calib_per_round: bool = flag(False, "fresh calibration texts (and --protect-data lines) every round: round t "
-                                        "reads rows (t-1)n .. tn (the authors take a new data chunk, and new English "
-                                        "lines, every round)")
+                                        "reads rows (t-1)n .. tn, as the authors do")
     protect_data: str = flag("", "general-text corpus whose strongly active neurons are never pruned")
     protect_samples: int = flag(0, "lines of --protect-data to probe (0: all)")
     protect_frac: float = flag(0.1, "eq4 rule: protect each layer's top fraction on --protect-data")
     recovery: Literal["none", "cpt", "grpo", "cpt+grpo"] = flag(
-        "none",
-        "Algorithm 1 lines 9-10 after each round: recover.py (cpt), grpo.py, or both in that order")
+        "none", "Algorithm 1 lines 9-10 after each round: recover.py (cpt), grpo.py, or both in that order")
     cpt_flags: str = flag(
         "--data offline --samples 64 --max-length 256 --global-batch 8 --micro-batch 4 --lr 1e-4",
-        "recover.py flags for every round; --samples is texts per round: round t trains on rows (t-1)*samples .. "
-        "t*samples. The default suits the default model on a CPU; the paper's: '--data AI-MO/NuminaMath-CoT,"
-        "meta-math/MetaMathQA --samples 100000 --lr 8e-6 --max-length 1024'")
+        "recover.py flags for every round; --samples is texts per round (round t trains on rows (t-1)*samples .. "
+        "t*samples); the default suits the default model on a CPU, the paper's is in docs/usage.md")
     recovery_schedule: Literal["per-round", "continuous"] = flag(
-        "per-round", "per-round: each round's recovery is a run of its own (a fresh AdamW, warmup and cosine: the "
-                     "paper's and the authors' loops); continuous: one recover.py run over every round's texts, one "
-                     "window of it per round, its lr schedule spanning the loop and AdamW's moments carried across "
-                     "the cuts (sliced to what each cut keeps)")
-    grpo_flags: str = flag("", "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200 "
-                               "--max-response-length 3000'; round t uses prompts (t-1)*samples .. t*samples (the "
-                               "authors' 10 parts of math12k)")
+        "per-round", "per-round: each round's recovery is its own run (the paper's loop); continuous: one recover.py "
+                     "run over every round's texts, a window per round, AdamW's moments carried across the cuts")
+    grpo_flags: str = flag("", "grpo.py flags for every round, e.g. '--data hiyouga/math12k --samples 1200'; round t "
+                               "uses prompts (t-1)*samples .. t*samples")
     eval_every_round: bool = flag(False, "evaluate the dense model and every round with evaluate.py; results in "
                                          "dense_eval.json and ptl_record.json")
     eval_flags: str = flag(
@@ -291,13 +281,10 @@ class Config:
         "evaluate.py flags (default: held-out offline problems, which need no hub), e.g. '--tasks gsm8k,math500 "
         "--data-dir ../shared/data --limit 100'")
     baseline: Literal["none", "prune-once", "shortgpt", "slicegpt"] = flag(
-        "none",
-        "prune-once: the same neurons and layers as PTL's final model, removed in one round (recover it with PTL's "
-        "total budget); shortgpt: only the lowest-Block-Influence layers, in one round, down to --target-ratio; "
-        "slicegpt: SliceGPT's PCA rotation and slicing of the hidden size, in one round, down to --target-ratio")
-    apply_removal: str = flag("", "a finished round of another run (its directory or ptl_record.json): remove, in one "
-                                  "round, every layer and neuron that run had removed by then (dense numbering), "
-                                  "instead of scoring; e.g. to carry a plan found once to another checkpoint")
+        "none", "one round down to PTL's final shape (prune-once), of lowest-BI layers (shortgpt) or of the hidden "
+                "size (slicegpt); docs/usage.md")
+    apply_removal: str = flag("", "a finished round of another run: remove, in one round and without scoring, every "
+                                  "layer and neuron that run had removed by then")
     dtype: Literal["auto", "float32", "bfloat16"] = flag("auto", "weights while scoring; auto: bf16 on CUDA, fp32 on "
                                                                  "CPU and whenever a recovery trains")
     device: str = flag("auto", "auto (CUDA if present), cpu, cuda, cuda:1, ...")
@@ -460,16 +447,9 @@ def resume_or_start(cfg: Config, d) -> tuple:
         raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
     if cfg.neuron_rule == "released":  # round 1's n, now rather than after its calibration pass
         baselines.top_count(cfg.top_n(1), I)
-    if cfg.apply_removal:
-        left = baselines.plan_left(baselines.read_plan(cfg.apply_removal), L, I)
-    elif cfg.baseline == "shortgpt":
-        left = {"neurons": 0, "layers": baselines.shortgpt_layers(model, cfg.target_ratio)}
-    elif cfg.baseline == "slicegpt":  # the hidden size to slice off, in one round
-        check_sliceable(model)
-        left = {"neurons": 0, "layers": 0, "width": model.config.hidden_size - slice_width(model, cfg.target_ratio)}
-    else:
-        left = {"neurons": neuron_budget(model, cfg),
-                "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
+    left = baselines.one_cut_left(model, cfg) or {  # else PTL's budget (None: unbounded, a sigma decides)
+        "neurons": neuron_budget(model, cfg),
+        "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
     dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I,
              "hidden_size": model.config.hidden_size}
     return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
@@ -506,11 +486,7 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, mome
         else:
             rc = replace(rc, data_offset=(t - 1) * rc.samples)
         rc = replace(rc, out=str(work / kind), device=cfg.device)
-        if kind == "cpt":
-            data = load_texts(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset)
-        else:
-            data = [grpo.question_answer(r, w) for w, r in
-                    load_rows(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset, check=grpo.question_answer)]
+        data = (load_texts if kind == "cpt" else load_qa)(rc.data, n=rc.samples, seed=rc.seed, offset=rc.data_offset)
         result = module.train(model, tok, data, rc, **({"moments": moments} if continuous else {}))
         model, carried = result.pop("model"), result.pop("moments", None)
         summaries[kind] = {"data": rc.data, "rows": [rc.data_offset, rc.data_offset + rc.samples], **result}

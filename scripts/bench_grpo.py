@@ -49,12 +49,12 @@ class Config:
 
 def setup(cfg: Config):
     """Model, tokenizer and the (question, answer) rows, in the order grpo.py visits them in epoch 0."""
-    from data import load_rows, question_answer
+    from data import load_qa
     from models import load_model
 
     model, tok = load_model(cfg.model, dtype="float32", device="cpu")
     n = cfg.prompts * cfg.steps
-    rows = [question_answer(r, w) for w, r in load_rows("offline-easy", n=n, seed=cfg.seed, check=question_answer)]
+    rows = load_qa("offline-easy", n=n, seed=cfg.seed)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)).tolist()  # grpo.train's epoch 0
     return model, tok, rows, order
 

@@ -7,7 +7,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from test_grpo import sevens  # noqa: E402
 
 import grpo  # noqa: E402
-from data import load_rows  # noqa: E402
+from data import load_qa  # noqa: E402
 from models import load_model  # noqa: E402
 from ptl_common import cleanup_dist, setup_dist  # noqa: E402
 
@@ -15,7 +15,7 @@ if __name__ == "__main__":
     model_dir, out = sys.argv[1:3]
     d = setup_dist("cpu")
     model, tok = load_model(model_dir, dtype="float32")
-    rows = [grpo.question_answer(r, w) for w, r in load_rows("offline-easy", n=16, seed=0, check=grpo.question_answer)]
+    rows = load_qa("offline-easy", n=16, seed=0)
     cfg = grpo.Config(out=out, rollout_batch=4, group_size=4, max_response_length=6, max_steps=2, lr=1e-2,
                       micro_batch=3, gen_batch=1, prompt="fewshot", max_prompt_length=512, kl_coef=0.05)
     grpo.train(model, tok, rows, cfg, reward_fn=sevens)

@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 
 import grpo
 from conftest import assert_trained_alike, char_tokenizer, tiny_model
-from data import load_rows
+from data import load_qa, question_answer
 
 ROOT = Path(__file__).resolve().parents[1]
-ROWS = [grpo.question_answer(r, w) for w, r in load_rows("offline-easy", n=64, seed=0, check=grpo.question_answer)]
+ROWS = load_qa("offline-easy", n=64, seed=0)
 
 
 def sevens(text: str, answer: str) -> dict:
@@ -254,7 +254,7 @@ def test_completion_mask_keeps_the_first_eos_even_when_pad_is_eos():
     ({"problem": "p", "solution": "so \\boxed{\\frac{1}{2}}."}, ("p", "\\frac{1}{2}")),  # MATH solution only
 ])
 def test_questions_and_gold_answers_from_each_data_format(rec, qa):
-    assert grpo.question_answer(rec, "x") == qa
+    assert question_answer(rec, "x") == qa
 
 
 def test_data_without_a_gold_answer_names_the_file_and_line(tmp_path, tiny_dirs):
