@@ -52,6 +52,12 @@ curve were measured first, to size the rest):
    records its removed units (dense numbering) in its results. (d) The regime (45%, seeds 1-2, the schedule with
    the higher mean accuracy at 45% in (a)-(b)): 4x the budget (2,240 texts), and neuron steps 0.2 / 0.1 / 0.05
    at one budget divisible by their round counts with Prune-Once at that budget; not yet a cell of this driver.
+   (e) Seeds 5 on, at 30% (added when the machine that held step 8's dense model was lost, fixed before any of
+   their models was evaluated): the four arms ptl, ptlc, once, sel of each seed, run at commit 2233e31 (step 8's)
+   from a dense model re-made with the same command on another machine (RESULTS results/gradual-step8-amd). A
+   unit of replication is a training run, so runs from two dense models are two units:
+   `gradual_stats.py --results results/gradual-step8 --pool results/gradual-step8-amd` reports each dense
+   model's tables and the comparisons over the (dense model, seed) units of both, the headline from step 8 on.
 
 Every cell is a plain recover.py / ptl.py / evaluate.py command; --jobs of them run at once, the CPU cores split
 between them. A cell leaves OUT/<cell>/ (its final model, for other benchmarks later: the last round_<T>/ of a

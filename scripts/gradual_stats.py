@@ -4,6 +4,8 @@ log-probability, for every model).
 
     python scripts/gradual_stats.py                     # results/gradual: prints the tables, writes table.md and
                                                         # the curves (dense_curve.png, budget_curve.png) beside them
+    python scripts/gradual_stats.py --results results/gradual-step8 --pool results/gradual-step8-amd
+                                                        # and the comparisons over both, in the first's pooled.md
 
 Statistics (fixed with the design, before the comparisons ran; the seed-level ones since issue 23):
 1. Per method, size and budget: accuracy and mean gold log-probability, mean +- s.d. over seeds; retention =
@@ -16,13 +18,16 @@ Statistics (fixed with the design, before the comparisons ran; the seed-level on
    seed (a paired bootstrap over its problems) is shown only as within-seed precision.
 3. McNemar's exact test per seed (b = A right and B wrong, c = the reverse), never pooled over seeds: pooled,
    it would count S x n pairs as independent when the seeds disagree among themselves.
+4. --pool (issue 23, step 8(e) of scripts/gradual.py): results of the same design from other dense models. Each
+   directory's tables as in 1-3, then the comparisons of 2 over the training runs of all of them, a unit being
+   (dense model, seed); the paired differences never cross directories.
 """
 from __future__ import annotations
 
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +51,18 @@ PAIRS = [("ptl", "once"), ("ptlc", "once"), ("ptl", "ptlc"), ("ptlc", "sel"), ("
 class Config:
     """The tables and curves of the gradual-vs-once experiment, from its per-problem results."""
     results: str = flag("results/gradual", "the directory gradual.py wrote")
+    pool: str = flag("", "further result directories (comma-separated) of the same design on other dense models: "
+                         "their seeds join the comparisons as further units")
     reps: int = flag(10000, "bootstrap resamples")
 
     def __post_init__(self):
         check_ranges(self, positive=("reps",))
-        if not Path(self.results).is_dir():
-            raise ValueError(f"--results {self.results} is not a directory of gradual.py results")
+        for d in [self.results, *self.pool_list()]:
+            if not Path(d).is_dir():
+                raise ValueError(f"--results/--pool {d} is not a directory of gradual.py results")
+
+    def pool_list(self) -> list[str]:
+        return [d for d in self.pool.split(",") if d]
 
 
 # ----------------------------------------------------------------------------- statistics (pure)
@@ -126,6 +137,17 @@ def load(results: Path) -> dict[str, dict]:
         if c["problems"] != problems[: len(c["problems"])]:
             raise ValueError(f"{name} answered other problems than the dense model: results are not paired")
     return cells
+
+
+def pooled(dirs: list[Path]) -> dict[str, dict]:
+    """The compressed cells of several directories as one set whose seed is (directory index, seed): runs from
+    different dense models are different units, and compare() pairs only cells of one directory."""
+    sets = [load(d) for d in dirs]
+    for d, cells in zip(dirs[1:], sets[1:]):
+        if cells["dense"]["problems"] != sets[0]["dense"]["problems"]:
+            raise ValueError(f"{d} answered other problems than {dirs[0]}: results are not paired")
+    return {f"{k}/{name}": {**c, "seed": (k, c["seed"])} for k, cells in enumerate(sets)
+            for name, c in cells.items() if name != "dense"}
 
 
 def group(cells: dict, method: str, size: float, budget: int) -> dict[int, dict]:
@@ -300,14 +322,21 @@ def plot_curves(cells: dict, size: float, budgets: list[int], out: Path) -> None
     plt.close(fig)
 
 
-def main(cfg: Config) -> dict:
-    results = Path(cfg.results)
-    cells = load(results)
+def comparisons(cells: dict, reps: int) -> tuple[list[float], dict, list[dict]]:
+    """(sizes, budgets per size, every A - B of PAIRS that has shared seeds)."""
     compressed = [c for c in cells.values() if c["method"] in LABEL]
     sizes = sorted({c["size"] for c in compressed})
     budgets = {s: sorted({c["budget"] for c in compressed if c["size"] == s}) for s in sizes}
-    comps = [c for s in sizes for b in reversed(budgets[s]) for x, y in PAIRS
-             if (c := compare(cells, s, b, cfg.reps, x, y))]
+    return sizes, budgets, [c for s in sizes for b in reversed(budgets[s]) for x, y in PAIRS
+                            if (c := compare(cells, s, b, reps, x, y))]
+
+
+def main(cfg: Config) -> dict:
+    if cfg.pool_list():
+        return main_pooled(cfg)
+    results = Path(cfg.results)
+    cells = load(results)
+    sizes, budgets, comps = comparisons(cells, cfg.reps)
     curve = max(sizes, key=lambda s: len(budgets[s]))
     d = cells["dense"]
     snaps = sorted((c for c in cells.values() if c["step"] is not None), key=lambda c: c["step"])
@@ -323,6 +352,19 @@ def main(cfg: Config) -> dict:
     plot_curves(cells, curve, budgets[curve], results)
     print(md)
     return {"markdown": md, "comparisons": comps}
+
+
+def main_pooled(cfg: Config) -> dict:
+    """Each directory's tables (main without --pool), then the comparisons over the runs of all of them."""
+    dirs = [Path(d) for d in [cfg.results, *cfg.pool_list()]]
+    parts = [main(replace(cfg, results=str(d), pool="")) for d in dirs]
+    _, _, comps = comparisons(pooled(dirs), cfg.reps)
+    md = (f"Pooled: the runs of {', '.join(map(str, dirs))}, a unit being (dense model, seed):\n\n"
+          + diff_table(comps))
+    (dirs[0] / "pooled.md").write_text(md)
+    print(md)
+    return {"markdown": "\n".join(p["markdown"] for p in parts) + "\n" + md, "comparisons": comps,
+            "each": parts}
 
 
 if __name__ == "__main__":

@@ -134,3 +134,25 @@ def test_the_experiment_tables_are_what_the_committed_results_give(results, tmp_
     doc = (ROOT / "docs" / "gradual.md").read_text()
     rows = [line for line in md.splitlines() if line.startswith("| ")]
     assert len(rows) >= 8 and [r for r in rows if r not in doc] == []
+
+
+def test_pooled_comparisons_pair_within_each_dense_model_and_count_every_run_as_a_unit(tmp_path):
+    """--pool: the per-run differences are each directory's own, side by side; the interval is over all of them."""
+    import shutil
+
+    dirs = []
+    for name in ("gradual", "gradual-first-dense"):
+        (tmp_path / name).mkdir()
+        for f in (ROOT / "results" / name).glob("*.json"):
+            shutil.copy(f, tmp_path / name)
+        dirs.append(tmp_path / name)
+    each = [gradual_stats.main(gradual_stats.Config(results=str(d), reps=200)) for d in dirs]
+    out = gradual_stats.main(gradual_stats.Config(results=str(dirs[0]), pool=str(dirs[1]), reps=200))
+
+    def ptl_once(comps):
+        return next(c for c in comps if (c["a"], c["b"], c["size"], c["budget"]) == ("ptl", "once", 0.3, 560))
+    per = ptl_once(each[0]["comparisons"])["acc_per_seed"] + ptl_once(each[1]["comparisons"])["acc_per_seed"]
+    both = ptl_once(out["comparisons"])
+    assert both["acc_per_seed"] == pytest.approx(per) and len(both["seeds"]) == 6
+    assert both["acc_ci"] == pytest.approx(gradual_stats.seed_interval(np.array(per)))
+    assert (dirs[0] / "pooled.md").read_text() in out["markdown"]
