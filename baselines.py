@@ -213,6 +213,17 @@ def one_cut_rule(cfg):
                    layer_rule="bi" if cfg.baseline == "shortgpt" else cfg.layer_rule)
 
 
+def ignored_flags(cfg) -> tuple:
+    """ptl.py flags that have no effect under --baseline or --apply-removal (they remove everything at once, by
+    their own rule)."""
+    depth = ("order", "neuron_step", "layer_step", "layer_target", "neuron_rule", "layer_rule", "sigma_neuron",
+             "sigma_layer")  # ShortGPT removes only the lowest-Block-Influence layers, as many as the size needs
+    width = depth + ("protect_data", "protect_samples", "calib_per_round", "taylor_variant", "released_top_n")
+    if cfg.apply_removal:  # the plan says what goes: nothing is scored
+        return width + ("target_ratio", "calib_data", "calib_samples", "batch_size", "protect_frac")
+    return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth, "slicegpt": width}[cfg.baseline]
+
+
 def one_cut_left(model, cfg) -> dict | None:
     """What a one-cut method removes from the dense model, as the loop's `left` (None for PTL itself):
     --apply-removal's plan, ShortGPT's layers, or SliceGPT's slice of the hidden size ("width")."""
@@ -244,6 +255,21 @@ def read_plan(path: str) -> dict:
         return {k: rec[k] for k in ("dense", "kept_layers", "kept_neurons")}
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"--apply-removal {path}: not a finished round's ptl_record.json ({e})") from None
+
+
+def plan_cuts(plan: dict, left: dict, kept_layers: list[int], kept_neurons: list[list[int]]) -> list[tuple]:
+    """The cuts that take a model (kept_layers, kept_neurons: dense numbering) to `plan`'s units, as the loop's
+    (kind, what) in the order it applies them: neurons first, then layers, as in a PTL round. A layer that goes
+    anyway gives up its last `left["neurons"]` neurons, so that every layer keeps the same width."""
+    keep = {o: set(kn) for o, kn in zip(plan["kept_layers"], plan["kept_neurons"])}
+    k, cuts = left["neurons"], []
+    if k:
+        gone = [[j for j, x in enumerate(kn) if x not in keep[o]] if o in keep else range(len(kn) - k, len(kn))
+                for o, kn in zip(kept_layers, kept_neurons)]
+        cuts.append(("neurons", [torch.tensor(g) for g in gone]))
+    if left["layers"]:  # layer indices are unchanged by a neuron cut
+        cuts.append(("layers", [i for i, o in enumerate(kept_layers) if o not in keep]))
+    return cuts
 
 
 def plan_left(plan: dict, L: int, I: int) -> dict:

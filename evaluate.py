@@ -48,7 +48,7 @@ import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -624,6 +624,13 @@ READS = {
     "include_path": (lambda c: c.engine == "lm-eval", "with --engine lm-eval"),
     **{k: (lambda c: not c.report, "when evaluating models, not with --report") for k in ("compare", "tasks", "limit")},
 }
+
+
+def evaluate_with(model, tok, flags: str, device: str) -> dict:
+    """evaluate_model's metrics under evaluate.py `flags` (e.g. ptl.py's --eval-flags), per-question samples left
+    out."""
+    res = evaluate_model(model, tok, replace(parse_config_of(flags, within="--eval-flags"), device=device))
+    return {task: {k: v for k, v in r.items() if k != "samples"} for task, r in res.items()}
 
 
 def parse_config_of(flags: str, within: str = "") -> "Config":

@@ -39,7 +39,7 @@ from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges,
                         cleanup_dist, count_params, decoder_layers, ffn, finished_rounds, flag, hidden_in,
                         import_evaluate, is_main, load_record, parse_config, prepare_out, print0, run_cli,
                         save_checkpoint, settings_changed, setup_dist, unshadow_evaluate)
-from report import round_line, score_summary, summary, summary_line
+from report import round_line, run_result, score_summary, summary_line
 from slicegpt import slice_round
 
 # ----------------------------------------------------------------------------- equations (pure)
@@ -314,7 +314,8 @@ class Config:
             raise ValueError("need --layer-step >= 1, --layer-target >= 0 and 0 <= --protect-frac < 1")
         if not (self.rounds or self.target_ratio or self.sigma_neuron is not None or self.sigma_layer is not None):
             raise ValueError("nothing bounds the loop: give --rounds, --target-ratio or a sigma threshold")
-        ignored = [f"--{k.replace('_', '-')}" for k in self.baseline_ignores() if getattr(self, k) != FIELDS[k].default]
+        ignored = [f"--{k.replace('_', '-')}" for k in baselines.ignored_flags(self)
+                   if getattr(self, k) != FIELDS[k].default]
         if ignored:
             mode = "--apply-removal" if self.apply_removal else f"--baseline {self.baseline}"
             raise ValueError(f"{mode} removes everything in one round: {', '.join(ignored)} would be ignored; drop it")
@@ -331,16 +332,6 @@ class Config:
         self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
         if self.eval_every_round:
             import_evaluate().parse_config_of(self.eval_flags, within="--eval-flags").task_list()
-
-    def baseline_ignores(self) -> tuple:
-        """Flags that have no effect under --baseline or --apply-removal (they remove everything at once, by their
-        own rule)."""
-        depth = ("order", "neuron_step", "layer_step", "layer_target", "neuron_rule", "layer_rule", "sigma_neuron",
-                 "sigma_layer")  # ShortGPT removes only the lowest-Block-Influence layers, as many as the size needs
-        width = depth + ("protect_data", "protect_samples", "calib_per_round", "taylor_variant", "released_top_n")
-        if self.apply_removal:  # the plan says what goes: nothing is scored
-            return width + ("target_ratio", "calib_data", "calib_samples", "batch_size", "protect_frac")
-        return {"none": (), "prune-once": ("order", "layer_step"), "shortgpt": depth, "slicegpt": width}[self.baseline]
 
     def flags_for(self, kind: str):
         """recover.py's (kind "cpt") or grpo.py's Config from --cpt-flags / --grpo-flags; None if not recovering so."""
@@ -423,37 +414,48 @@ def next_kind(order: str, t: int, left: dict) -> str | None:
     return first if can[first] else second if can[second] else None
 
 
-def resume_or_start(cfg: Config, d) -> tuple:
-    """(model, tokenizer, state) after the last finished round in OUT, or the dense model and a fresh state.
+@dataclass
+class LoopState:
+    """What the loop knows between rounds; every round's record holds it, so a re-run resumes from it."""
+    round: int  # rounds finished
+    dense: dict  # the dense model: params, num_hidden_layers, intermediate_size, hidden_size
+    left: dict  # still to remove: "neurons" per layer, "layers" (SliceGPT: "width"); None: no target, a sigma decides
+    kept_layers: list[int] = dataclasses.field(default_factory=list)  # dense indices of the layers the model holds
+    kept_neurons: list[list[int]] = dataclasses.field(default_factory=list)  # per kept layer, its neurons (dense)
 
-    state: round, dense (shape and size), left (neurons per layer / layers still to remove; None = unbounded),
-    kept_layers and kept_neurons (the original indices of what the current model holds)."""
+    @classmethod
+    def start(cls, model, cfg: Config) -> LoopState:
+        """Round 0 of a run on `model`: all of it kept, and what the targets (or a one-cut method) will remove."""
+        L, I = model.config.num_hidden_layers, model.config.intermediate_size
+        if cfg.layer_target >= L:
+            raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
+        if cfg.neuron_rule == "released":  # round 1's n, now rather than after its calibration pass
+            baselines.top_count(cfg.top_n(1), I)
+        left = baselines.one_cut_left(model, cfg) or {  # else PTL's budget (None: unbounded, a sigma decides)
+            "neurons": neuron_budget(model, cfg),
+            "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
+        dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I,
+                 "hidden_size": model.config.hidden_size}
+        return cls(0, dense, left, list(range(L)), [list(range(I)) for _ in range(L)])
+
+
+def resume_or_start(cfg: Config, d) -> tuple:
+    """(model, tokenizer, LoopState) after the last finished round in OUT, or the dense model and round 0."""
     out = Path(cfg.out)
     dtype = "float32" if cfg.recovery != "none" and cfg.dtype == "auto" else cfg.dtype  # training: fp32 masters
     done = finished_rounds(out)
-    if done:
-        rec = load_record(out / f"round_{done[-1]}")
+    path = out / f"round_{done[-1]}" if done else None
+    if path:
+        rec = load_record(path)
         if changed := settings_changed(rec["config"], asdict(cfg), RESUMABLE):
             raise ValueError(f"{out} holds a run made with other settings {changed} (old, new); "
                              "repeat its flags to resume, or use another --out")
-        model, tok = load_model(str(out / f"round_{done[-1]}"), dtype=dtype, device=d.device)
-        check_supported(model)
-        print0(f"resuming {out} after round {done[-1]}")
-        return model, tok, {k: rec[k] for k in ("round", "dense", "left", "kept_layers", "kept_neurons")}
-    model, tok = load_model(cfg.model, dtype=dtype, device=d.device)
+    model, tok = load_model(str(path or cfg.model), dtype=dtype, device=d.device)
     check_supported(model)
-    L, I = model.config.num_hidden_layers, model.config.intermediate_size
-    if cfg.layer_target >= L:
-        raise ValueError(f"--layer-target {cfg.layer_target} would remove all {L} layers")
-    if cfg.neuron_rule == "released":  # round 1's n, now rather than after its calibration pass
-        baselines.top_count(cfg.top_n(1), I)
-    left = baselines.one_cut_left(model, cfg) or {  # else PTL's budget (None: unbounded, a sigma decides)
-        "neurons": neuron_budget(model, cfg),
-        "layers": cfg.layer_target or (None if cfg.sigma_layer is not None else 0)}
-    dense = {"params": count_params(model), "num_hidden_layers": L, "intermediate_size": I,
-             "hidden_size": model.config.hidden_size}
-    return model, tok, {"round": 0, "dense": dense, "left": left, "kept_layers": list(range(L)),
-                        "kept_neurons": [list(range(I)) for _ in range(L)]}
+    if not path:
+        return model, tok, LoopState.start(model, cfg)
+    print0(f"resuming {out} after round {done[-1]}")
+    return model, tok, LoopState(**{f.name: rec[f.name] for f in dataclasses.fields(LoopState)})
 
 
 def round_scores(model, calib, protect, cfg: Config, t: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -493,21 +495,13 @@ def recover_round(model, tok, cfg: Config, t: int, work: Path, rounds: int, mome
     return model, summaries, carried if continuous else None
 
 
-def evaluate_round(model, tok, cfg: Config) -> dict:
-    """evaluate.py's metrics of the current model with --eval-flags, per-question samples left out."""
-    ev = import_evaluate()
-    ecfg = replace(ev.parse_config_of(cfg.eval_flags, within="--eval-flags"), device=cfg.device)
-    res = ev.evaluate_model(model, tok, ecfg)
-    return {task: {k: v for k, v in r.items() if k != "samples"} for task, r in res.items()}
-
-
-def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict):
+def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: LoopState):
     """What the next round removes: per layer the indices of k neurons, or a list of layers; None when a
     sigma threshold finds nothing redundant. Refuses (before any change) to remove every neuron or layer."""
-    t, left = state["round"] + 1, state["left"][kind]
+    t, left = state.round + 1, state.left[kind]
     if kind == "neurons":
         L, I = s_neu.shape
-        step = max(1, round(cfg.neuron_step * state["dense"]["intermediate_size"]))
+        step = max(1, round(cfg.neuron_step * state.dense["intermediate_size"]))
         if cfg.sigma_neuron is not None:
             k = uniform_count(s_neu, cfg.sigma_neuron)
             k = k if left is None else min(k, left)
@@ -528,37 +522,31 @@ def removal(kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, st
     return sorted(lowest(s_lay, n).tolist()) if n else None
 
 
-def apply_removal(model, kind: str, what, state: dict) -> dict:
+def apply_removal(model, kind: str, what, state: LoopState) -> dict:
     """Remove `what` from the model and from the state's bookkeeping; the round's record (original numbering)."""
-    kl, kn = state["kept_layers"], state["kept_neurons"]
+    kl, kn = state.kept_layers, state.kept_neurons
     if kind == "neurons":
         I = len(kn[0])
         keep = [torch.tensor(sorted(set(range(I)) - set(r.tolist()))) for r in what]
         rec = {"removed_neurons": {kl[l]: sorted(kn[l][j] for j in r.tolist()) for l, r in enumerate(what)},
                "removed_layers": [], "neurons_per_layer": len(what[0])}
         prune_neurons(model, keep)
-        state["kept_neurons"] = [[kn[l][j] for j in k.tolist()] for l, k in enumerate(keep)]
+        state.kept_neurons = [[kn[l][j] for j in k.tolist()] for l, k in enumerate(keep)]
     else:
         rec = {"removed_neurons": {}, "removed_layers": [kl[i] for i in what], "neurons_per_layer": 0}
         drop_layers(model, what)
-        state["kept_layers"] = [x for i, x in enumerate(kl) if i not in what]
-        state["kept_neurons"] = [x for i, x in enumerate(kn) if i not in what]
-    if state["left"][kind] is not None:
-        state["left"][kind] -= len(what[0]) if kind == "neurons" else len(what)
+        state.kept_layers = [x for i, x in enumerate(kl) if i not in what]
+        state.kept_neurons = [x for i, x in enumerate(kn) if i not in what]
+    if state.left[kind] is not None:
+        state.left[kind] -= len(what[0]) if kind == "neurons" else len(what)
     return rec
 
 
-def apply_plan(model, plan: dict, state: dict) -> dict:
-    """Remove, in one round, every neuron and layer that `plan` does not keep (dense numbering; neurons first, as
-    in prune_round; a layer that goes anyway gives up its last neurons). -> the round's record."""
-    keep = {o: set(kn) for o, kn in zip(plan["kept_layers"], plan["kept_neurons"])}
-    k, rec = state["left"]["neurons"], None
-    if k:
-        what = [torch.tensor([j for j, x in enumerate(kn) if x not in keep[o]] if o in keep else
-                             range(len(kn) - k, len(kn))) for o, kn in zip(state["kept_layers"], state["kept_neurons"])]
-        rec = apply_removal(model, "neurons", what, state)
-    if state["left"]["layers"]:
-        r = apply_removal(model, "layers", [i for i, o in enumerate(state["kept_layers"]) if o not in keep], state)
+def apply_plan(model, plan: dict, state: LoopState) -> dict:
+    """Remove, in one round, every neuron and layer that `plan` does not keep. -> the round's record."""
+    rec = None
+    for kind, what in baselines.plan_cuts(plan, state.left, state.kept_layers, state.kept_neurons):
+        r = apply_removal(model, kind, what, state)
         rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
     return rec
 
@@ -571,29 +559,30 @@ def rounds_left(cfg: Config, left: dict, dense_width: int) -> int:
     return len(neuron_schedule(left["neurons"] or 0, step)) + math.ceil((left["layers"] or 0) / cfg.layer_step)
 
 
-def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config, state: dict) -> dict | None:
+def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config,
+                state: LoopState) -> dict | None:
     """Algorithm 1 line 7: remove what this round's scores mark (neurons, layers, or with a baseline both at
     once) from the model and the state; the round's record, or None when nothing is redundant any more."""
     rec = None
     for k in ("neurons", "layers") if kind == "once" else (kind,):  # layer indices are unchanged by neurons
         what = removal(k, s_neu, s_lay, cfg, state)
         if what is None:  # Eq. 4 / Eq. 6 find nothing under sigma (or nothing is left): this kind is done
-            state["left"][k] = 0
+            state.left[k] = 0
             continue
         r = apply_removal(model, k, what, state)
         rec = r if rec is None else {**rec, "removed_layers": r["removed_layers"]}
     return rec
 
 
-def cut(model, kind: str, calib_protect, rcfg: Config, state: dict, t: int) -> tuple[dict | None, dict]:
+def cut(model, kind: str, calib_protect, rcfg: Config, state: LoopState, t: int) -> tuple[dict | None, dict]:
     """Algorithm 1 lines 4-7 (or a baseline's one cut): score, and remove what the scores mark. -> (the round's record
     with its score summary, or None when nothing is redundant any more; the tensors for scores.safetensors).
     calib_protect() -> (calibration batches, --protect-data batches or None), read only when scoring."""
     if rcfg.apply_removal:  # a plan from a file: nothing is scored
         return apply_plan(model, baselines.read_plan(rcfg.apply_removal), state), {}
     calib, protect = calib_protect()
-    if state["left"].get("width"):  # SliceGPT: one cut of the hidden size
-        width, state["left"]["width"] = model.config.hidden_size - state["left"]["width"], 0
+    if state.left.get("width"):  # SliceGPT: one cut of the hidden size
+        width, state.left["width"] = model.config.hidden_size - state.left["width"], 0
         return slice_round(model, calib, width)
     s_neu, s_lay = round_scores(model, calib, protect if kind != "layers" else None, rcfg, t)  # lines 4-6
     rec = prune_round(model, kind, s_neu, s_lay, rcfg, state)  # line 7
@@ -612,40 +601,43 @@ def main(cfg: Config) -> dict:
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
     order = "once" if cfg.apply_removal or cfg.baseline != "none" else cfg.order  # one-cut methods: one round
     rcfg = baselines.one_cut_rule(cfg) if cfg.baseline != "none" else cfg  # the rule that rounds apply
-    moments = trainer.load_moments(out / f"round_{state['round']}" / "moments.safetensors") if state["round"] else None
+    moments = trainer.load_moments(out / f"round_{state.round}" / "moments.safetensors") if state.round else None
     records = []
-    while (kind := next_kind(order, state["round"] + 1, state["left"])) and state["round"] < (cfg.rounds or math.inf):
-        t, t0, before = state["round"] + 1, time.time(), count_params(model)
-        kept = copy.deepcopy({k: state[k] for k in ("kept_layers", "kept_neurons")})
+    while (kind := next_kind(order, state.round + 1, state.left)) and state.round < (cfg.rounds or math.inf):
+        t, t0, before = state.round + 1, time.time(), count_params(model)
+        kept = copy.deepcopy(state)  # the units before the cut, for the moments
         rec, tensors = cut(model, kind, functools.partial(calibration, t), rcfg, state, t)  # lines 4-7
         if rec is None:  # nothing of this kind is redundant any more
             continue
         if moments is not None:  # continuous schedule: AdamW goes on with what the cut kept
             moments = trainer.carry_moments(moments, model, kept, state)
-        state["round"] = t
+        state.round = t
         model, moments = recover_and_evaluate(model, tok, cfg, rec, state, moments)  # lines 9-10
         once = "plan" if cfg.apply_removal else cfg.baseline  # the one-round kinds
-        rec.update(copy.deepcopy(state), calibration={"data": cfg.calib_data, "rows": calibration.rows(t)},
+        rec.update(copy.deepcopy(asdict(state)), calibration={"data": cfg.calib_data, "rows": calibration.rows(t)},
                    kind=once if kind == "once" else kind, params_before=before, params_after=count_params(model),
                    layer_rule=rcfg.layer_rule, time_s=time.time() - t0, config=asdict(cfg))
         save_round(out, model, tok, rec, tensors, moments)
         records.append(rec)
         print0(round_line(rec, model))
-    return finish(out, model, state, records, dense_eval, cfg)
+    result = run_result(out, model, state, records, dense_eval, cfg)
+    cleanup_dist()
+    return result
 
 
-def recover_and_evaluate(model, tok, cfg: Config, rec: dict, state: dict, moments: dict | None) -> tuple:
+def recover_and_evaluate(model, tok, cfg: Config, rec: dict, state: LoopState, moments: dict | None) -> tuple:
     """Round t's recovery (with --eval-every-round, the evaluations before and after it) into its record.
     -> (the recovered model, AdamW's moments to carry on with, or None)"""
-    t = state["round"]
+    t, evaluate = state.round, functools.partial(import_evaluate().evaluate_with, flags=cfg.eval_flags,
+                                                 device=cfg.device)
     if cfg.eval_every_round and cfg.recovery != "none":
-        rec["eval_pruned"] = evaluate_round(model, tok, cfg)  # the damage, before recovery repairs it
+        rec["eval_pruned"] = evaluate(model, tok)  # the damage, before recovery repairs it
     if cfg.recovery != "none":
-        rounds = t + rounds_left(cfg, state["left"], state["dense"]["intermediate_size"])
+        rounds = t + rounds_left(cfg, state.left, state.dense["intermediate_size"])
         model, rec["recovery"], moments = recover_round(model, tok, cfg, t, work_dir(Path(cfg.out), t), rounds,
                                                            moments)
     if cfg.eval_every_round:
-        rec["eval"] = evaluate_round(model, tok, cfg)
+        rec["eval"] = evaluate(model, tok)
     return model, moments
 
 
@@ -665,28 +657,12 @@ def save_round(out: Path, model, tok, rec: dict, tensors: dict, moments: dict | 
         shutil.rmtree(work, ignore_errors=True)
 
 
-def finish(out: Path, model, state: dict, records: list[dict], dense_eval: dict | None, cfg: Config) -> dict:
-    """main's result, after printing what the run did."""
-    final = count_params(model)
-    result = {"rounds": state["round"], "out": str(out / f"round_{state['round']}") if state["round"] else None,
-              "params": final, "removed_ratio": 1 - final["total"] / state["dense"]["params"]["total"],
-              "records": records}
-    if not state["round"]:
-        print0(f"{out}: no round removed anything (the thresholds found nothing redundant)")
-    elif not records:
-        print0(f"{out}: nothing left to do; the last round is {result['out']}")
-    else:
-        print0(summary(out, records, dense_eval, cfg))
-    cleanup_dist()
-    return result
-
-
-def dense_evaluation(model, tok, cfg: Config, out: Path, state: dict) -> dict | None:
+def dense_evaluation(model, tok, cfg: Config, out: Path, state: LoopState) -> dict | None:
     """The dense row of the report (round 0): evaluated at the start of a run into dense_eval.json, read back
     when a run resumes (None if a run made without --eval-every-round resumes with it)."""
     path = out / "dense_eval.json"
-    if state["round"] == 0 and not path.exists():
-        res = evaluate_round(model, tok, cfg)
+    if state.round == 0 and not path.exists():
+        res = import_evaluate().evaluate_with(model, tok, cfg.eval_flags, cfg.device)
         if is_main():
             atomic_write_json(path, res)
         print0(summary_line("dense", res))

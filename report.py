@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from models import DEFAULT_MODEL, load_config
-from ptl_common import atomic_write_json, finished_rounds, human, load_record
+from ptl_common import atomic_write_json, count_params, finished_rounds, human, load_record, print0
 
 # ----------------------------------------------------------------------------- FLOPs (pure)
 
@@ -97,6 +97,21 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg) -> str
 
 
 # ----------------------------------------------------------------------------- the report of a PTL run (Table 1)
+
+
+def run_result(out: Path, model, state, records: list[dict], dense_eval: dict | None, cfg) -> dict:
+    """ptl.main's result, after printing what the run did; state: its ptl.LoopState at the end."""
+    final = count_params(model)
+    result = {"rounds": state.round, "out": str(out / f"round_{state.round}") if state.round else None,
+              "params": final, "removed_ratio": 1 - final["total"] / state.dense["params"]["total"],
+              "records": records}
+    if not state.round:
+        print0(f"{out}: no round removed anything (the thresholds found nothing redundant)")
+    elif not records:
+        print0(f"{out}: nothing left to do; the last round is {result['out']}")
+    else:
+        print0(summary(out, records, dense_eval, cfg))
+    return result
 
 
 def write_report(run: str | Path) -> dict:

@@ -257,25 +257,26 @@ def reload(model, out: Path, d: Dist):
 def carry_moments(moments: dict, model, before: dict, after: dict) -> dict:
     """AdamW's moments after a cut, for the cut model: a kept layer's renumbered, a kept neuron's rows of gate/up
     (and columns of down) kept, a removed unit's gone. moments: {parameter name before the cut: {"step",
-    "exp_avg", "exp_avg_sq"}}; before, after: the loop state's kept_layers and kept_neurons (dense numbering)."""
+    "exp_avg", "exp_avg_sq"}}; before, after: the loop's states (ptl.LoopState), whose kept_layers and kept_neurons
+    hold dense indices."""
     layers = decoder_layers(model)
     prefix = next(n for n, m in model.named_modules() if m is layers)
     rel = {id(m): n for n, m in layers[0].named_modules()}
     dims = {f"{rel[id(lin)]}.{p}": dim for lin, dim in zip(ffn(layers[0]), (0, 0, 1))
             for p in (("weight", "bias") if dim == 0 else ("weight",))}  # down's bias is per hidden unit: kept
-    index = {o: j for j, o in enumerate(after["kept_layers"])}
+    index = {o: j for j, o in enumerate(after.kept_layers)}
     out = {}
     for name, st in moments.items():
         if not name.startswith(prefix + "."):
             out[name] = st
             continue
         i, rest = name[len(prefix) + 1:].split(".", 1)
-        j = index.get(before["kept_layers"][int(i)])
+        j = index.get(before.kept_layers[int(i)])
         if j is None:  # the layer was removed
             continue
         if rest in dims:
-            pos = {o: p for p, o in enumerate(before["kept_neurons"][int(i)])}
-            idx = torch.tensor([pos[o] for o in after["kept_neurons"][j]])
+            pos = {o: p for p, o in enumerate(before.kept_neurons[int(i)])}
+            idx = torch.tensor([pos[o] for o in after.kept_neurons[j]])
             st = {k: v if v.dim() == 0 else v.index_select(dims[rest], idx) for k, v in st.items()}
         out[f"{prefix}.{j}.{rest}"] = st
     return out

@@ -166,11 +166,11 @@ def test_a_remainder_under_half_a_step_joins_the_last_neuron_round(budget, steps
     25 is 10 + 10 + 5 (half a step is a round), and a budget under one step is one round."""
     assert ptl.neuron_schedule(budget, 10) == steps
     cfg, s_neu = ptl.Config(neuron_step=0.25), torch.rand(2, 40)
-    state, got = {"round": 0, "dense": {"intermediate_size": 40}, "left": {"neurons": budget}}, []
-    while state["left"]["neurons"]:  # the loop's own removal() follows the schedule
+    state, got = ptl.LoopState(0, {"intermediate_size": 40}, {"neurons": budget}), []
+    while state.left["neurons"]:  # the loop's own removal() follows the schedule
         got.append(len(ptl.removal("neurons", s_neu, None, cfg, state)[0]))
-        state["left"]["neurons"] -= got[-1]
-        state["round"] += 1
+        state.left["neurons"] -= got[-1]
+        state.round += 1
     assert got == steps
 
 

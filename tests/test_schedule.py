@@ -1,5 +1,6 @@
 """One recovery schedule across rounds (--recovery-schedule continuous) and a removal plan applied at once
 (--apply-removal): splitting recovery by itself changes nothing, and a cut carries AdamW's moments exactly."""
+import copy
 from pathlib import Path
 
 import pytest
@@ -52,15 +53,14 @@ def test_windows_of_a_run_with_moments_carried_end_equal_to_the_whole_run(tmp_pa
 def test_a_cut_carries_the_moments_of_kept_rows_columns_and_layers_exactly_and_drops_removed_ones(arch):
     model = tiny_model(arch, layers=4, inter=12)
     L, I = 4, 12
-    state = {"left": {"neurons": None, "layers": None}, "kept_layers": list(range(L)),
-             "kept_neurons": [list(range(I)) for _ in range(L)]}
+    state = ptl.LoopState(0, {}, {"neurons": None, "layers": None}, list(range(L)), [list(range(I))] * L)
     # moments that are the weights themselves: after the cut they must equal the cut model's weights
     moments = {n: {"step": torch.tensor(5.0), "exp_avg": p.detach().clone(), "exp_avg_sq": p.detach() ** 2}
                for n, p in model.named_parameters()}
     g = torch.Generator().manual_seed(1)
     for kind, what in (("neurons", [torch.randperm(I, generator=g)[:3] for _ in range(L)]), ("layers", [1]),
                        ("neurons", [torch.randperm(I - 3, generator=g)[:2] for _ in range(L - 1)]), ("layers", [0, 2])):
-        before = {k: [list(x) if isinstance(x, list) else x for x in state[k]] for k in ("kept_layers", "kept_neurons")}
+        before = copy.deepcopy(state)
         ptl.apply_removal(model, kind, what, state)
         moments = trainer.carry_moments(moments, model, before, state)
         params = dict(model.named_parameters())
@@ -74,7 +74,7 @@ def test_a_cut_carries_the_moments_of_kept_rows_columns_and_layers_exactly_and_d
 def test_a_continuous_run_whose_cuts_remove_nothing_ends_equal_to_one_recover_run(tiny_dirs, tmp_path, monkeypatch):
     def remove_nothing(model, kind, s_neu, s_lay, cfg, state):  # the schedule's bookkeeping, no surgery
         what = ptl.removal(kind, s_neu, s_lay, cfg, state)
-        state["left"][kind] -= len(what[0]) if kind == "neurons" else len(what)
+        state.left[kind] -= len(what[0]) if kind == "neurons" else len(what)
         return {"removed_neurons": {}, "removed_layers": [], "neurons_per_layer": 0}
 
     monkeypatch.setattr(ptl, "prune_round", remove_nothing)
