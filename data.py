@@ -75,6 +75,16 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     return rows
 
 
+FILE_FORMATS = (".jsonl", ".json", ".parquet", ".txt")
+
+
+def check_sources(spec: str, flag: str) -> None:
+    """Refuse now, before any model loads, a local data file of `spec` (comma-separated sources) that is missing."""
+    for src in (s.strip() for s in spec.split(",") if s.strip()):
+        if Path(src).expanduser().suffix in FILE_FORMATS and not Path(src).expanduser().is_file():
+            raise ValueError(f"{flag} {src}: no such file")
+
+
 def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
     """(where, record) rows of one source: `offline`, a local .jsonl/.json/.parquet/.txt file, or a hub
     dataset `name[:config]`. Large sources stay lazy: rows are built only when sampled."""

@@ -81,6 +81,7 @@ BENCHMARKS = {
     "squad": Benchmark("squad/validation.jsonl", "rajpurkar/squad", "squad", None, "validation"),  # Table 5 (v1.1)
 }
 OFFLINE_SIZE = 1000  # questions of `offline` without --limit
+OFFLINE_MAX = 20000  # the most `offline` gives: it is generated, so a larger --limit would never end
 METRICS = ("accuracy", "gold_logprob")
 LOGPROB_TOKENS = 1024  # tokens per teacher-forced batch: larger ones spend their time moving logits, not computing
 
@@ -186,7 +187,8 @@ def load_benchmark(name: str, data_dir: str = "", limit: int = 0) -> list[Row]:
     hub = BENCHMARKS[name].hub
     if name == "offline":  # the test split: disjoint from every offline training and calibration row
         ds = OfflineReasoning(seed=0, split="test")
-        return [Row(r["question"], r["final"], r["answer"]) for r in (ds[i] for i in range(limit or OFFLINE_SIZE))]
+        n = min(limit or OFFLINE_SIZE, OFFLINE_MAX)
+        return [Row(r["question"], r["final"], r["answer"]) for r in (ds[i] for i in range(n))]
     if data_dir:
         rows = read_jsonl(benchmark_file(name, data_dir))
     elif hub is None:
@@ -347,6 +349,7 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
         return [], []
     dev = next(model.parameters()).device
     ids = [encode(tok, p, add_bos) for p in prompts]
+    max_new_tokens = new_token_room(model, max(map(len, ids)), max_new_tokens)
     c = common_prefix(ids) if reuse_prefix else 0
     shared = prefix_cache(model, ids[0][:c])
     lead = 0 if shared is None or shares_prefix(model) else c  # prefix columns in each row's own cache
@@ -377,6 +380,19 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
         texts[i] = _cut(tok.decode(n, skip_special_tokens=True), stop)
         lengths[i] = (len(ids[i]), len(n))
     return texts, lengths
+
+
+def new_token_room(model, longest: int, wanted: int) -> int:
+    """`wanted` new tokens, or as many as the model's positions leave after the longest prompt (with a line)."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions is None or longest + wanted <= positions:
+        return wanted
+    if longest >= positions:
+        raise ValueError(f"the longest prompt has {longest} tokens, the model {positions} positions: nothing can be "
+                         "generated; lower --limit's questions or use fewer few-shot examples (--prompt chat)")
+    print0(f"--max-new-tokens {wanted}: the model has {positions} positions and the longest prompt takes {longest}; "
+           f"generating at most {positions - longest} tokens")
+    return positions - longest
 
 
 # ----------------------------------------------------------------------------- the two engines
@@ -654,10 +670,17 @@ def main(cfg: Config) -> dict:
     if len(set(names)) < len(names):
         raise ValueError(f"--model and --compare name the same model twice ({names}): give each once")
     for name in cfg.task_list():  # every local benchmark file is read (and checked) before any model loads
-        if name == "offline" or cfg.data_dir:
-            load_benchmark(name, cfg.data_dir, cfg.limit)
+        local = name == "offline" or cfg.data_dir
+        if local and (n := len(load_benchmark(name, cfg.data_dir, cfg.limit))) < cfg.limit:
+            print0(f"--limit {cfg.limit}: {name} {'gives at most' if name == 'offline' else 'has'} {n} questions; "
+                   "evaluating all of them")
     models = {n: load_model(n, dtype=cfg.dtype, device=d.device) for n in names}
     tok = models[cfg.model][1]
+    for n in names[1:]:  # the speed comparison feeds every model the same token ids
+        if models[n][1].get_vocab() != tok.get_vocab():
+            raise ValueError(f"--compare {n}: its tokenizer differs from --model {cfg.model}'s, so one prompt's token "
+                             "ids mean other words to it; compare models of one tokenizer (a PTL run's rounds and "
+                             "the model it started from)")
     res = {n: evaluate_model(m, t, cfg) for n, (m, t) in models.items()}
     for n, r in res.items():
         print0(summary_line(n, r))

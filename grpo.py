@@ -27,10 +27,20 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import OfflineReasoning, chat_prompt, last_boxed, load_qa, math_equal
+from data import OfflineReasoning, chat_prompt, check_sources, last_boxed, load_qa, math_equal
 from fast import Sampling, cache_arg, decode, positions, repeat_cache, returned_cache
 from models import DEFAULT_MODEL, load_model
-from ptl_common import all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, setup_dist
+from ptl_common import (
+    all_reduce_,
+    all_reduce_dict,
+    check_out,
+    check_ranges,
+    cleanup_dist,
+    flag,
+    run_cli,
+    same_path,
+    setup_dist,
+)
 from trainer import end_step, finished, grad_sync, reload, resume, save_final, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "
@@ -301,7 +311,9 @@ class Config:
                                      "clip_high", "max_grad_norm"),
                      non_negative=("samples", "data_offset", "top_k", "gen_batch", "weight_decay", "kl_coef",
                                    "max_steps", "save_every", "acc_weight", "format_weight"))
+        self.model = same_path(self.model)
         check_out(self.out, self.model)
+        check_sources(self.data, "--data")
         if not 0 <= self.clip_low < 1:
             raise ValueError(f"--clip-low {self.clip_low}: the ratio is clipped to [1 - clip_low, 1 + clip_high]; "
                              "need 0 <= --clip-low < 1")

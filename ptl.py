@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import shlex
 import shutil
 import time
@@ -32,13 +31,36 @@ from tqdm import tqdm
 import baselines
 import recover
 import trainer
-from data import calibration_texts, load_qa, load_texts
+from data import calibration_texts, check_sources, load_qa, load_texts
 from fast import real_spans
 from models import DEFAULT_MODEL, load_model
-from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges, check_read, check_supported,
-                        cleanup_dist, count_params, decoder_layers, ffn, finished_rounds, flag, hidden_in,
-                        import_evaluate, is_main, load_record, parse_config, prepare_out, print0, run_cli,
-                        save_checkpoint, settings_changed, setup_dist, unshadow_evaluate)
+from ptl_common import (
+    all_reduce_,
+    atomic_write_json,
+    check_out,
+    check_ranges,
+    check_read,
+    check_supported,
+    cleanup_dist,
+    count_params,
+    decoder_layers,
+    ffn,
+    finished_rounds,
+    flag,
+    hidden_in,
+    import_evaluate,
+    is_main,
+    load_record,
+    parse_config,
+    prepare_out,
+    print0,
+    run_cli,
+    same_path,
+    save_checkpoint,
+    settings_changed,
+    setup_dist,
+    unshadow_evaluate,
+)
 from report import round_line, run_result, score_summary, summary_line
 from slicegpt import slice_round
 
@@ -291,8 +313,7 @@ class Config:
     seed: int = flag(0, "which calibration texts are drawn (and --protect-data lines)")
 
     def __post_init__(self):
-        if Path(self.model).exists():  # DIR/ and DIR are one model: the resume check compares the recorded spelling
-            self.model = os.path.normpath(self.model)
+        self.model = same_path(self.model)
         check_ranges(self, positive=("calib_samples", "max_length", "batch_size"),
                      non_negative=("rounds", "protect_samples", "layer_target", "sigma_neuron", "sigma_layer"))
         sized = self.target_ratio or (self.baseline == "prune-once" and self.layer_target)
@@ -329,6 +350,7 @@ class Config:
             baselines.read_plan(self.apply_removal)  # a missing or unreadable plan now, before any model loads
         check_read(self, READS)
         check_out(self.out, self.model)
+        check_sources(self.calib_data, "--calib-data"), check_sources(self.protect_data, "--protect-data")
         self.flags_for("cpt"), self.flags_for("grpo")  # refuse bad recovery flags now, not after round 1's scoring
         if self.eval_every_round:
             import_evaluate().parse_config_of(self.eval_flags, within="--eval-flags").task_list()

@@ -90,12 +90,24 @@ def check_read(cfg, reads: dict, mode: str = "") -> None:
 
 
 def check_out(out: str, model: str) -> None:
-    """Refuse an --out that is the --model checkpoint directory or inside it: the run would write over its input."""
+    """Refuse, before any work, an --out that cannot be written (a file in its path, a read-only directory) or that
+    is the --model checkpoint directory or inside it: the run would write over its input."""
+    o = Path(out).resolve()
+    there = next(a for a in (o, *o.parents) if a.exists())  # the part of the path that exists already
+    if not there.is_dir() or not os.access(there, os.W_OK):
+        raise ValueError(f"--out {out}: {there} is {'a file' if not there.is_dir() else 'not writable'}; "
+                         "choose another --out")
     if (Path(model) / "config.json").is_file():
-        o, m = Path(out).resolve(), Path(model).resolve()
+        m = Path(model).resolve()
         if o == m or m in o.parents:
             raise ValueError(f"--out {out} is inside --model {model}: the run would write over the model it reads; "
                              "choose another --out")
+
+
+def same_path(model: str) -> str:
+    """A local --model as one spelling (DIR/ and DIR are one model, and a resumed run compares the recorded one);
+    a hub name as it is."""
+    return os.path.normpath(model) if Path(model).exists() else model
 
 
 def nonfinite(model: torch.nn.Module) -> list[str]:

@@ -25,12 +25,37 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
-from data import load_texts, pad_id
+from data import check_sources, load_texts, pad_id
 from fast import checkpointing, chunked_token_loss_sum, head_outside
 from models import DEFAULT_MODEL, load_model
-from ptl_common import Dist, all_reduce_, check_out, check_ranges, cleanup_dist, flag, print0, run_cli, setup_dist
-from trainer import (autocast_for, end_step, finished, grad_sync, load_moments, moments_of, reload, resume, save_final,
-                     save_moments, save_weights, set_moments, token_loss_sum, wrap)
+from ptl_common import (
+    Dist,
+    all_reduce_,
+    check_out,
+    check_ranges,
+    cleanup_dist,
+    flag,
+    print0,
+    run_cli,
+    same_path,
+    setup_dist,
+)
+from trainer import (
+    autocast_for,
+    end_step,
+    finished,
+    grad_sync,
+    load_moments,
+    moments_of,
+    reload,
+    resume,
+    save_final,
+    save_moments,
+    save_weights,
+    set_moments,
+    token_loss_sum,
+    wrap,
+)
 
 # ----------------------------------------------------------------------------- pure functions
 
@@ -127,7 +152,9 @@ class Config:
         check_ranges(self, positive=("global_batch", "micro_batch", "lr", "epochs", "max_grad_norm"),
                      non_negative=("samples", "data_offset", "max_steps", "save_every", "keep_every", "weight_decay",
                                    "ce_chunk"), unit=("warmup_ratio",))
+        self.model = same_path(self.model)
         check_out(self.out, self.model)
+        check_sources(self.data, "--data")
         if self.lr > 1:
             raise ValueError(f"--lr {self.lr}: AdamW moves every weight by about lr per step; need <= 1")
         if self.global_batch < 1 or self.micro_batch < 1 or self.max_length < 2 or self.lr <= 0:

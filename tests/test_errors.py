@@ -1,5 +1,6 @@
 """Bad input gets one clear line (`script.py: error: ...`, exit status 2; the traceback only with --debug), before
 any model loads, and nothing runs on silently."""
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -267,3 +268,52 @@ def test_a_released_top_n_too_large_for_the_model_is_refused_before_any_calibrat
     with pytest.raises(ValueError, match="--released-top-n 40.0 leaves no neuron outside the bottom-n of a 40-wide"):
         ptl.main(ptl.Config(model=tiny_dirs["llama"], out=str(tmp_path / "o"), neuron_rule="released",
                             released_top_n="40", rounds=1, target_ratio=0.0))
+
+
+@pytest.mark.parametrize("module, kw, message", [
+    (recover, dict(data="missing.jsonl"), "--data missing.jsonl: no such file"),
+    (grpo, dict(data="missing.parquet"), "--data missing.parquet: no such file"),
+    (ptl, dict(calib_data="offline,missing.jsonl"), "--calib-data missing.jsonl: no such file"),
+    (ptl, dict(recovery="cpt", cpt_flags="--data missing.txt --samples 4"), "--cpt-flags: --data missing.txt: no such"),
+])
+def test_a_missing_data_file_is_named_when_the_flags_are_read_not_after_calibration(module, kw, message, tmp_path,
+                                                                                    monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        module.Config(**kw)
+
+
+@pytest.mark.parametrize("module", [ptl, recover, grpo])
+def test_an_out_that_cannot_be_a_directory_is_refused_when_the_flags_are_read(module, tmp_path):
+    (tmp_path / "file").write_text("x")
+    for out in (tmp_path / "file", tmp_path / "file" / "run"):
+        with pytest.raises(ValueError, match=f"--out {out}: {tmp_path / 'file'} is a file"):
+            module.Config(out=str(out))
+
+
+@pytest.mark.parametrize("module", [ptl, recover, grpo])
+def test_a_model_directory_spelled_with_a_trailing_slash_is_one_model(module, tiny_dirs):
+    assert module.Config(model=tiny_dirs["llama"] + "/").model == tiny_dirs["llama"]
+    assert module.Config(model="org/not-a-local-dir/").model == "org/not-a-local-dir/", "a hub name is kept as given"
+
+
+def test_evaluate_refuses_to_time_models_of_different_tokenizers_before_evaluating(tiny_dirs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_dirs["llama"], other)
+    tok = models.load_model(tiny_dirs["llama"])[1]
+    tok.add_tokens(["<extra>"])
+    tok.save_pretrained(other)
+    with pytest.raises(ValueError, match=f"--compare {other}: its tokenizer differs"):
+        ev.main(ev.Config(model=tiny_dirs["llama"], compare=str(other), tasks="offline", limit=1))
+
+
+def test_a_limit_beyond_the_benchmark_and_new_tokens_beyond_the_positions_are_clamped_with_a_line(tiny_dirs, capsys,
+                                                                                                   monkeypatch):
+    monkeypatch.setattr(ev, "OFFLINE_MAX", 3)
+    res = ev.main(ev.Config(model=tiny_dirs["llama"], tasks="offline", limit=10**9, max_new_tokens=10**6,
+                            batch_size=3))
+    out = capsys.readouterr().out
+    positions = models.load_model(tiny_dirs["llama"])[0].config.max_position_embeddings
+    assert res[tiny_dirs["llama"]]["offline"]["n"] == 3
+    assert "--limit 1000000000: offline gives at most 3 questions; evaluating all of them" in out
+    assert f"--max-new-tokens 1000000: the model has {positions} positions" in out
