@@ -88,11 +88,19 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg) -> str
     sliced = load_config(out / f"round_{T}").model_type == "ptl_slicegpt"
     kind = ("SliceGPT ones: models.load_model reads them, stock loaders cannot" if sliced
             else "ordinary Hugging Face ones")
-    lines += [f"checkpoints ({kind}): {out}/round_1" + (f" .. round_{T}" if T > 1 else ""),
-              f"next: python evaluate.py --model {model} --compare {out}/round_{last['round']} --tasks offline "
-              "--limit 200     # accuracy and speed against the dense model"]
-    if dense_eval:
+    lines.append(f"checkpoints ({kind}): {out}/round_1" + (f" .. round_{T}" if T > 1 else ""))
+    return "\n".join(lines + next_commands(model, out, T, bool(dense_eval)))
+
+
+def next_commands(model: str, out: Path, T: int, evaluated: bool) -> list[str]:
+    """What to run next, each a few minutes on the default model and 2 CPU cores: with the rounds evaluated, the
+    speed against the dense model (gold log-prob only: the accuracy is above) and the report; else accuracy too."""
+    what = "--metrics gold_logprob" if evaluated else "--metrics accuracy,gold_logprob --max-new-tokens 200"
+    lines = [f"next: python evaluate.py --model {model} --compare {out}/round_{T} --tasks offline --limit 100 {what}"
+             "     # speed and FLOPs against the dense model" + ("" if evaluated else ", and held-out accuracy")]
+    if evaluated:
         lines.append(f"      python evaluate.py --report {out}     # report.md and rounds.png: the curve per round")
+    return lines
     return "\n".join(lines)
 
 

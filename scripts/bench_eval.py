@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 from sides import MATMULS, emit, op_shares, run_sides  # noqa: E402
 
 from models import DEFAULT_MODEL  # noqa: E402
-from ptl_common import import_evaluate, parse_config, unshadow_evaluate  # noqa: E402
+from ptl_common import check_ranges, import_evaluate, run_cli, unshadow_evaluate  # noqa: E402
 
 
 @dataclass
@@ -35,6 +35,10 @@ class Config:
     repeats: int = 2
     profile: int = 0  # > 0: instead, profile the builtin engine (torch.profiler) on this many questions
     worker: str = ""  # internal: "builtin" or "lm-eval" runs one side and prints JSON
+
+    def __post_init__(self):
+        check_ranges(self, positive=("limit", "batch_size", "max_new_tokens", "repeats"), non_negative=("profile",))
+        import_evaluate().benchmark_file("gsm8k", self.data_dir)  # a wrong --data-dir now, in one line
 
 
 def run(cfg: Config) -> dict:
@@ -107,4 +111,4 @@ def main(cfg: Config) -> dict:
 
 if __name__ == "__main__":
     unshadow_evaluate()
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -24,10 +24,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from sides import emit, run_sides  # noqa: E402
+from sides import check_sides, emit, run_sides  # noqa: E402
 
 from models import DEFAULT_MODEL  # noqa: E402
-from ptl_common import parse_config  # noqa: E402
+from ptl_common import check_ranges, run_cli  # noqa: E402
 
 
 @dataclass
@@ -45,6 +45,11 @@ class Config:
     repeats: int = 2
     sides: str = "ours,ours-hf,trl"
     worker: str = ""  # internal: runs one side and prints JSON
+
+    def __post_init__(self):
+        check_ranges(self, positive=("prompts", "group_size", "max_response_length", "micro_batch", "steps", "lr",
+                                     "repeats"), non_negative=("kl_coef", "seed"))
+        check_sides(self.sides, ("ours", "ours-hf", "trl"))
 
 
 def setup(cfg: Config):
@@ -170,4 +175,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -29,7 +29,7 @@ import ptl  # noqa: E402
 import ptl_common  # noqa: E402
 from data import load_texts, make_batches
 from models import DEFAULT_MODEL, load_model  # noqa: E402
-from ptl_common import alternate, count_params, parse_config  # noqa: E402
+from ptl_common import alternate, check_ranges, count_params, run_cli  # noqa: E402
 
 
 @dataclass
@@ -50,6 +50,11 @@ class Config:
     speed_len: int = 256
     threads: int = 0  # torch threads (0: torch's default)
     hook_only: bool = False  # only measurement 4: the Eq. 4 statistic read in place vs gathered
+
+    def __post_init__(self):
+        check_ranges(self, positive=("calib_samples", "max_length", "batch_size", "repeats", "eq2_layers",
+                                     "eq2_neurons", "speed_batch", "speed_len"),
+                     non_negative=("warmup", "drop_layers", "threads"), unit=("neuron_frac",))
 
 
 def interleaved(fns: dict, repeats: int, warmup: int) -> dict:
@@ -202,4 +207,4 @@ def main(cfg: Config) -> dict:
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

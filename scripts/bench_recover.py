@@ -31,10 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
-from sides import MATMULS, LivePeak, emit, held_mb, op_shares, peak_rss_mb, reset_peak_rss, run_sides  # noqa: E402
+from sides import MATMULS, LivePeak, check_sides, emit, held_mb, op_shares, peak_rss_mb, reset_peak_rss, run_sides  # noqa: E402
 
 from models import DEFAULT_MODEL  # noqa: E402
-from ptl_common import parse_config  # noqa: E402
+from ptl_common import check_ranges, run_cli  # noqa: E402
 
 
 @dataclass
@@ -52,6 +52,11 @@ class Config:
     sides: str = "ours,plain-ce,trainer"
     profile: int = 0  # > 0: instead, profile this many recover.py steps (torch.profiler) after one untimed step
     worker: str = ""  # internal: the side this process runs; it prints JSON
+
+    def __post_init__(self):
+        check_ranges(self, positive=("samples", "max_length", "global_batch", "micro_batch", "steps", "lr", "repeats"),
+                     non_negative=("profile", "seed"))
+        check_sides(self.sides, SIDES)
 
 
 def pack_texts(tok, cfg: Config) -> tuple[list[str], dict]:
@@ -196,15 +201,23 @@ def profile(cfg: Config) -> dict:
     return op_shares(state["prof"], wall, {"matmuls": MATMULS, "AdamW": ("_fused_adamw",)}, rows=15)
 
 
+def side_runners() -> dict:
+    """{side: run(cfg) -> its measurements}: recover.py as it is, its variants, and transformers.Trainer."""
+    return {"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
+            "compiled": lambda c: run_ours(c, compile=True),
+            "grad-ckpt": lambda c: run_ours(c, grad_ckpt=True),
+            "ckpt-matmuls": lambda c: run_ours(c, grad_ckpt=True, ckpt_policy="matmuls"),
+            "trainer": run_trainer}
+
+
+SIDES = ("ours", "plain-ce", "compiled", "grad-ckpt", "ckpt-matmuls", "trainer")
+
+
 def main(cfg: Config) -> dict:
     if cfg.profile:
         return profile(cfg)
     if cfg.worker:
-        return emit({"ours": run_ours, "plain-ce": lambda c: run_ours(c, ce_chunk=0),
-                     "compiled": lambda c: run_ours(c, compile=True),
-                     "grad-ckpt": lambda c: run_ours(c, grad_ckpt=True),
-                     "ckpt-matmuls": lambda c: run_ours(c, grad_ckpt=True, ckpt_policy="matmuls"),
-                     "trainer": run_trainer}[cfg.worker](cfg))
+        return emit(side_runners()[cfg.worker](cfg))
     check_data(cfg)
     runs = run_sides(__file__, cfg, cfg.sides.split(","))
     tokens = cfg.global_batch * cfg.max_length
@@ -237,4 +250,4 @@ def report(res: dict, cfg: Config):
 
 
 if __name__ == "__main__":
-    main(parse_config(Config))
+    run_cli(main, Config)

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ptl_common import finished_rounds, flag, parse_config  # noqa: E402
+from ptl_common import check_ranges, finished_rounds, flag, run_cli  # noqa: E402
 
 MATH = "AI-MO/NuminaMath-CoT,meta-math/MetaMathQA"
 # Paper: lr 8e-6, 1024 tokens; the released Llama/Qwen yamls: lr 4e-6, 512 tokens. 100k texts per round = the
@@ -162,14 +162,17 @@ class Config:
     print: bool = flag(False, "print the commands instead of running them")
     gpus: int = flag(8, "processes per torchrun")
 
+    def __post_init__(self):
+        check_ranges(self, positive=("gpus",))
+        if self.recipe and self.recipe not in RECIPES:
+            raise ValueError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)} (--list shows them)")
+
 
 def main(cfg: Config) -> dict:
     if cfg.list or not cfg.recipe:
         for name, r in RECIPES.items():
             print(f"{name:15s} {r.hardware:14s} {r.paper}")
         return {}
-    if cfg.recipe not in RECIPES:
-        raise ValueError(f"unknown recipe {cfg.recipe!r}; --list shows them")
     r = RECIPES[cfg.recipe]
     for step in r.steps:
         module, args = step.split(" ", 1)
@@ -185,4 +188,4 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if argv and not argv[0].startswith("-"):
         argv = ["--recipe", *argv]
-    main(parse_config(Config, argv))
+    run_cli(main, Config, argv)

@@ -10,6 +10,13 @@ from dataclasses import asdict
 MARK = "RESULT "
 
 
+def check_sides(sides: str, known: tuple) -> None:
+    """Refuse, before anything runs, a --sides list that names no side or one this benchmark does not have."""
+    names = [s for s in sides.split(",") if s]
+    if not names or set(names) - set(known):
+        raise ValueError(f"--sides {sides!r}: choose one or more of {', '.join(known)}, comma-separated")
+
+
 def emit(res: dict) -> dict:
     """A worker's result, printed for run_sides to read."""
     print(MARK + json.dumps(res))

@@ -317,3 +317,16 @@ def test_a_limit_beyond_the_benchmark_and_new_tokens_beyond_the_positions_are_cl
     assert res[tiny_dirs["llama"]]["offline"]["n"] == 3
     assert "--limit 1000000000: offline gives at most 3 questions; evaluating all of them" in out
     assert f"--max-new-tokens 1000000: the model has {positions} positions" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scripts/bench_recover.py", "--steps", "0"], "bench_recover.py: error: out of range: --steps 0 (need > 0)"),
+    (["scripts/bench_grpo.py", "--sides", "bogus"], "bench_grpo.py: error: --sides 'bogus': choose one or more of"),
+    (["scripts/bench_eval.py", "--data-dir", "/nonexistent"], "bench_eval.py: error: /nonexistent/gsm8k/test.jsonl"),
+    (["scripts/bench_ptl.py", "--repeats", "0"], "bench_ptl.py: error: out of range: --repeats 0 (need > 0)"),
+    (["scripts/recipes.py", "bogus"], "recipes.py: error: unknown recipe 'bogus'; choose from table1-llama"),
+    (["scripts/recipes.py", "--gpus", "0"], "recipes.py: error: out of range: --gpus 0 (need > 0)"),
+])
+def test_every_script_refuses_a_bad_value_in_one_line_before_it_runs_anything(argv, message):
+    p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
