@@ -92,10 +92,16 @@ def save_state(path: Path, model, opt, step: int, extra: dict) -> None:
 
 def load_state(path: Path, model, opt) -> dict:
     """Restore a save_state checkpoint on every rank (rank 0 reads it and broadcasts)."""
-    try:
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=False) if is_main() else {}
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten since it was written
-        raise ValueError(f"{path / 'state.pt'} is damaged ({e}); delete {path} to resume from the start instead")
+    state, err = {}, [None]
+    if is_main():
+        try:
+            state = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # truncated or overwritten since it was written
+            err = [f"{path / 'state.pt'} is damaged ({e}); delete {path} to resume from the start instead"]
+    if dist.is_initialized():  # every rank stops, not only the one that read it (the others would wait forever)
+        dist.broadcast_object_list(err, src=0)
+    if err[0]:
+        raise ValueError(err[0])
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=dist.is_initialized())
     set_model_state_dict(model, state.get("model", {}), options=opts)
     set_optimizer_state_dict(model, opt, state.get("optim", {}), options=opts)

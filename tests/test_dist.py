@@ -74,3 +74,16 @@ def test_two_ranks_slice_like_one(tiny_dirs, tmp_path):
     batch = padded_batch(0)  # an eigenvector's sign is arbitrary, so compare what the two models compute
     x, y = (logits(models.load_model(str(d / "round_1"), attn="eager")[0], batch) for d in (one, two))
     torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-4)
+
+
+def test_a_damaged_resume_state_stops_every_rank_with_one_line(tiny_dirs, tmp_path):
+    """Only rank 0 reads state.pt: its error must reach the other rank, which would otherwise wait forever."""
+    (tmp_path / "out" / "checkpoints" / "step_1").mkdir(parents=True)
+    (tmp_path / "out" / "checkpoints" / "step_1" / "state.pt").write_bytes(b"PK\x03\x04 cut short")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "recover.py", "--model", tiny_dirs["llama"], "--out", str(tmp_path / "out"), "--samples", "8",
+                        "--max-length", "32", "--global-batch", "2", "--micro-batch", "1", "--device", "cpu"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
+    lines = [x for x in p.stderr.splitlines() if x.startswith("recover.py: error:")]
+    assert p.returncode != 0 and len(lines) == 1 and "state.pt is damaged" in lines[0], p.stderr[-2000:]
+    assert p.stderr.count("exitcode  : 2") == 2, "both ranks stopped on the error (not one killed by torchrun)"
