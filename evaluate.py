@@ -2,37 +2,16 @@
 
 Accuracy on GSM8K, Minerva Math and MATH-500 (Table 1), MBPP pass@1 (Table 4), SQuAD exact match and F1
 (Table 5), and held-out generated arithmetic (`offline`, for the CPU experiment); FLOPs per question; measured
-speedup of pruned models over the dense one; recovery time from a run's records.
+speedup of pruned models over the dense one. Prompts, grading and the two engines: docs/evaluation.md.
 
     python evaluate.py --model out/smollm2/round_2 --tasks gsm8k,minerva_math,math500 --data-dir ../shared/data
     python evaluate.py --model smollm2-135m --compare out/smollm2/round_2 --tasks gsm8k --data-dir ../shared/data
     python evaluate.py --model smollm2-135m --tasks gsm8k --data-dir ../shared/data --engine lm-eval --limit 20
     python evaluate.py --report out/smollm2           # report.md, report.json, rounds.png
-    python evaluate.py --model out/dense --compare out/ptl/round_7,out/shortgpt/round_1 --tasks offline --limit 400
 
-Choices:
-1. Prompts are lm-eval's, taken from lm-eval's own task files, so both engines send the same tokens: GSM8K is
-   `gsm8k_cot` (8-shot "Q: .. A:", stop at "Q:"), Minerva / MATH-500 are `minerva_math` (4-shot "Problem: ..
-   Solution:", stop at "Problem:"), greedy, 256 new tokens, BOS added as the authors ran lm-eval
-   (add_bos_token=True). --prompt chat is the zero-shot R1-style prompt through the chat template (RL models).
-2. --engine builtin (default) is the fast path used inside the loop: one forward pass over the few-shot
-   prefix that every prompt shares, its KV cache copied into each batch, then batched greedy generation of the
-   rest (length-sorted, left-padded, stop strings); grading with math-verify. --engine lm-eval runs
-   lm_eval.simple_evaluate on the in-memory model through HFLM, with the local files wired into lm-eval's
-   own task YAMLs. The same generations give the same answers under both (tests/test_evaluate.py).
-3. "Minerva Math" from --data-dir is the 272 MIT OCW problems of the Minerva paper (the authors' R1-style
-   evaluator); lm-eval's `minerva_math` by name (engine lm-eval, no --data-dir) is the 5000-problem MATH test.
-   The paper does not say which one its Table 1 uses.
-4. FLOPs per question = forward_flops(config, prompt + generated tokens): one forward over the whole sequence,
-   every matmul counted (LM head and attention scores included, embeddings excluded), averaged over the
-   benchmark's actual lengths.
-5. MBPP and SQuAD are graded here, not by lm-eval (whose versions need Hugging Face evaluate's metrics from
-   the hub): MBPP with lm-eval mbpp's 3-shot prompt, the generation run against the problem's asserts in a fresh
-   `python -I` with a timeout, an empty environment and no network (passes_tests); SQuAD v1.1 with lm-eval
-   squadv2's zero-shot prompt, answered up to the newline, EM and F1 after the official normalisation.
-6. Hugging Face's `evaluate` package has this module's import name and lm-eval imports it inside some tasks.
-   This file is never installed; ptl.py loads it as `ptl_evaluate` (ptl_common.import_evaluate), and run as a
-   script it moves its own directory behind site-packages so `import evaluate` finds Hugging Face's.
+Hugging Face's `evaluate` package has this module's import name, and lm-eval imports it inside some tasks: this
+file is never installed; ptl.py loads it as `ptl_evaluate` (ptl_common.import_evaluate), and run as a script it
+moves its own directory behind site-packages so that `import evaluate` finds Hugging Face's.
 """
 from __future__ import annotations
 

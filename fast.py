@@ -261,20 +261,15 @@ def _step(model, r: _Running, out: list, ended, *, arg: str, sampling: Sampling 
 def decode(model, x: torch.Tensor, mask: torch.Tensor, cache, *, max_new_tokens: int, eos: set[int],
            stop: list[str] = (), tok=None, sampling: Sampling | None = None, gens: list | None = None,
            refill=None, prefix=None) -> list:
-    """Decode a left-padded batch x (B, T) with mask (B, T), of which `cache` (or None) holds the first
-    cache.get_seq_length() positions: greedy, or sampled with one generator per row (`gens`). A row leaves the
-    batch (and its KV cache) the moment it ends: a token in `eos`, a stop string in its decoded tail (lm-eval's
-    rule; needs `tok`), or max_new_tokens; HF generate goes on computing finished rows until the longest one ends.
+    """Greedy (or, with one generator per row in `gens`, sampled) decoding of a left-padded batch x (B, T), mask
+    (B, T), whose first cache.get_seq_length() positions `cache` (or None) holds. -> each row's generated ids, its
+    last token included, in the order the rows entered.
 
-    With `refill`, the B slots are refilled as rows end (continuous batching): refill(free) returns up to `free`
-    more rows as (x, mask, cache, gens) in the same form, or None when there are no more; they are prefilled and
-    join the running rows, so the batch stays full instead of thinning to its longest row. Rows enter once a
-    quarter of the slots are free (each join copies the cache), or only when all have ended where the cache keeps
-    a sliding window.
-
-    With `prefix`, a one-row KV cache of tokens that come before every row (few-shot examples; needs
-    shares_prefix(model)), each row attends to it through prefix_attention instead of a copy in its own cache.
-    -> the generated ids of each row in the order the rows entered, its last token included."""
+    A row leaves the batch and its KV cache when it ends (a token in `eos`, a stop string in its decoded tail, or
+    max_new_tokens), where HF generate computes finished rows until the longest ends. `refill(free)` -> (x, mask,
+    cache, gens) of up to `free` more rows, or None: they join once a quarter of the slots are free (all of them
+    under a sliding-window cache). `prefix`: a one-row KV cache of tokens before every row, which each row reads
+    through prefix_attention instead of a copy of its own (needs shares_prefix(model))."""
     window = max([len(tok(s, add_special_tokens=False)["input_ids"]) for s in stop] or [0]) + 2
 
     def ended(ids: list) -> bool:
