@@ -69,6 +69,16 @@ def round_evals(rec: dict) -> list[str]:
 
 
 
+def reading(dense_eval: dict) -> str:
+    """How to read a run's quality lines: what "pruned" follows, and why accuracy from 0% is mostly the format."""
+    line = ("  reading: \"pruned\" is a round right after its cut, which follows the previous round's recovery; "
+            "\"recovered\" is after its own recovery; gold log-prob (closer to 0 is better) moves before accuracy")
+    if any(r.get("accuracy") == 0 for r in dense_eval.values()):
+        line += ("\n  accuracy 0% on the dense model: it does not write the answer in the form the grader reads "
+                 "(\\boxed{N}); any rise after recovery needs that form first, which the recovery texts teach")
+    return line
+
+
 def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg) -> str:
     """What a run did, in a few lines: the size, each round's quality (dense -> pruned -> recovered), where the
     checkpoints are, and what to run next."""
@@ -84,6 +94,8 @@ def summary(out: Path, records: list[dict], dense_eval: dict | None, cfg) -> str
         lines.append(f"  {summary_line('dense', dense_eval)}")
     for r in records:
         lines += [f"  round {r['round']}: {line}" for line in round_evals(r)]
+    if dense_eval and any("eval_pruned" in r for r in records):
+        lines.append(reading(dense_eval))
     model = "smollm2-135m" if cfg.model == DEFAULT_MODEL else cfg.model
     sliced = load_config(out / f"round_{T}").model_type == "ptl_slicegpt"
     kind = ("SliceGPT ones: models.load_model reads them, stock loaders cannot" if sliced

@@ -376,6 +376,8 @@ def test_the_loop_measures_each_round_pruned_and_recovered_and_ends_with_a_summa
     tail = said[said.index("done: "):]
     assert "removed) in 2 rounds" in tail and "round 2: recovered: offline gold log-prob" in tail
     assert f"{out}/round_1 .. round_2" in tail and "python evaluate.py --report" in tail
+    assert "reading: \"pruned\" is a round right after its cut, which follows the previous round's recovery" in tail
+    assert f"--compare {out}/round_2 --tasks offline --limit 100 --metrics gold_logprob" in tail, "rounds evaluated"
     capsys.readouterr()
     run(tiny_dirs["llama"], out, **kw)
     assert f"nothing left to do; the last round is {out}/round_2" in capsys.readouterr().out
