@@ -108,6 +108,7 @@ def next_commands(model: str, out: Path, T: int, evaluated: bool) -> list[str]:
     """What to run next, each a few minutes on the default model and 2 CPU cores: with the rounds evaluated, the
     speed against the dense model (gold log-prob only: the accuracy is above) and the report; else accuracy too."""
     what = "--metrics gold_logprob" if evaluated else "--metrics accuracy,gold_logprob --max-new-tokens 200"
+    what += " --warmup 1 --repeats 3"  # a first look at the speed; the default 3 + 5 timed runs take twice as long
     lines = [f"next: python evaluate.py --model {model} --compare {out}/round_{T} --tasks offline --limit 100 {what}"
              "     # speed and FLOPs against the dense model" + ("" if evaluated else ", and held-out accuracy")]
     if evaluated:
