@@ -362,16 +362,16 @@ def generate(model, tok, prompts: list[str], *, max_new_tokens: int, stop: list[
 
 
 def new_token_room(model, longest: int, wanted: int) -> int:
-    """`wanted` new tokens, or as many as the model's positions leave after the longest prompt (with a line)."""
+    """`wanted` new tokens, or no more than the model's positions allow after the longest prompt (with a line). A
+    prompt already past them (RoPE models run on, untrained there) gets at most as many new tokens as positions."""
     positions = getattr(model.config, "max_position_embeddings", None)
     if positions is None or longest + wanted <= positions:
         return wanted
-    if longest >= positions:
-        raise ValueError(f"the longest prompt has {longest} tokens, the model {positions} positions: nothing can be "
-                         "generated; lower --limit's questions or use fewer few-shot examples (--prompt chat)")
-    print0(f"--max-new-tokens {wanted}: the model has {positions} positions and the longest prompt takes {longest}; "
-           f"generating at most {positions - longest} tokens")
-    return positions - longest
+    room = positions - longest if longest < positions else min(wanted, positions)
+    if room < wanted:
+        print0(f"--max-new-tokens {wanted}: the model has {positions} positions and the longest prompt takes "
+               f"{longest}; generating at most {room} tokens")
+    return room
 
 
 # ----------------------------------------------------------------------------- the two engines

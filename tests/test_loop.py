@@ -327,7 +327,7 @@ def test_a_missing_model_or_data_file_gives_a_clear_error(tiny_dirs, tmp_path):
         run(str(tmp_path / "nope"), tmp_path / "out", rounds=1)
     with pytest.raises(FileNotFoundError, match="has no config.json"):
         run(str(tmp_path), tmp_path / "out", rounds=1)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match=f"--calib-data {tmp_path / 'missing.jsonl'}: no such file"):
         run(tiny_dirs["llama"], tmp_path / "out", rounds=1, calib_data=str(tmp_path / "missing.jsonl"))
 
 
