@@ -123,7 +123,7 @@ def test_the_hierarchical_bootstrap_sees_seed_noise_and_problem_noise_within_eac
     assert one == pytest.approx(1.96 * problems_only[0].std() / math.sqrt(400), rel=0.15)
 
 
-@pytest.mark.parametrize("results", ["gradual", "gradual-first-dense", "gradual-step8"])
+@pytest.mark.parametrize("results", ["gradual", "gradual-first-dense", "gradual-step8", "gradual-step8-amd"])
 def test_the_experiment_tables_are_what_the_committed_results_give(results, tmp_path):
     """Every table row of docs/gradual.md is recomputed from results/<dir>/*.json (a copy: table.md stays as it is)."""
     import shutil
@@ -156,3 +156,18 @@ def test_pooled_comparisons_pair_within_each_dense_model_and_count_every_run_as_
     assert both["acc_per_seed"] == pytest.approx(per) and len(both["seeds"]) == 6
     assert both["acc_ci"] == pytest.approx(gradual_stats.seed_interval(np.array(per)))
     assert (dirs[0] / "pooled.md").read_text() in out["markdown"]
+
+
+def test_the_pooled_step8_table_is_what_the_committed_results_give(tmp_path):
+    """docs/gradual.md's pooled rows over both step-8 dense models, recomputed from copies of their results."""
+    import shutil
+
+    dirs = [tmp_path / d for d in ("gradual-step8", "gradual-step8-amd")]
+    for d in dirs:
+        d.mkdir()
+        for f in (ROOT / "results" / d.name).glob("*.json"):
+            shutil.copy(f, d)
+    out = gradual_stats.main(gradual_stats.Config(results=str(dirs[0]), pool=str(dirs[1]), reps=10000))
+    rows = [line for line in (dirs[0] / "pooled.md").read_text().splitlines() if line.startswith("| ")]
+    doc = (ROOT / "docs" / "gradual.md").read_text()
+    assert len(rows) >= 6 and [r for r in rows if r not in doc] == [] and out["comparisons"]
