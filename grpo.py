@@ -30,17 +30,8 @@ from tqdm import tqdm
 from data import OfflineReasoning, chat_prompt, check_sources, last_boxed, load_qa, math_equal
 from fast import Sampling, cache_arg, decode, positions, repeat_cache, returned_cache
 from models import DEFAULT_MODEL, load_model
-from ptl_common import (
-    all_reduce_,
-    all_reduce_dict,
-    check_out,
-    check_ranges,
-    cleanup_dist,
-    flag,
-    run_cli,
-    same_path,
-    setup_dist,
-)
+from ptl_common import (all_reduce_, all_reduce_dict, check_out, check_ranges, cleanup_dist, flag, run_cli, same_path,
+                        setup_dist)
 from trainer import end_step, finished, grad_sync, reload, resume, save_final, wrap
 
 SUFFIX = (" You FIRST think about the reasoning process as an internal monologue and then provide the final "

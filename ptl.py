@@ -34,33 +34,10 @@ import trainer
 from data import calibration_texts, check_sources, load_qa, load_texts
 from fast import real_spans
 from models import DEFAULT_MODEL, load_model
-from ptl_common import (
-    all_reduce_,
-    atomic_write_json,
-    check_out,
-    check_ranges,
-    check_read,
-    check_supported,
-    cleanup_dist,
-    count_params,
-    decoder_layers,
-    ffn,
-    finished_rounds,
-    flag,
-    hidden_in,
-    import_evaluate,
-    is_main,
-    load_record,
-    parse_config,
-    prepare_out,
-    print0,
-    run_cli,
-    same_path,
-    save_checkpoint,
-    settings_changed,
-    setup_dist,
-    unshadow_evaluate,
-)
+from ptl_common import (all_reduce_, atomic_write_json, check_out, check_ranges, check_read, check_supported,
+                        cleanup_dist, count_params, decoder_layers, ffn, finished_rounds, flag, hidden_in,
+                        import_evaluate, is_main, load_record, parse_config, prepare_out, print0, run_cli, same_path,
+                        save_checkpoint, settings_changed, setup_dist, unshadow_evaluate)
 from report import round_line, run_result, score_summary, summary_line
 from slicegpt import slice_round
 

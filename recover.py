@@ -28,34 +28,10 @@ from tqdm import tqdm
 from data import check_sources, load_texts, pad_id
 from fast import checkpointing, chunked_token_loss_sum, head_outside
 from models import DEFAULT_MODEL, load_model
-from ptl_common import (
-    Dist,
-    all_reduce_,
-    check_out,
-    check_ranges,
-    cleanup_dist,
-    flag,
-    print0,
-    run_cli,
-    same_path,
-    setup_dist,
-)
-from trainer import (
-    autocast_for,
-    end_step,
-    finished,
-    grad_sync,
-    load_moments,
-    moments_of,
-    reload,
-    resume,
-    save_final,
-    save_moments,
-    save_weights,
-    set_moments,
-    token_loss_sum,
-    wrap,
-)
+from ptl_common import (Dist, all_reduce_, check_out, check_ranges, cleanup_dist, flag, print0, run_cli, same_path,
+                        setup_dist)
+from trainer import (autocast_for, end_step, finished, grad_sync, load_moments, moments_of, reload, resume, save_final,
+                     save_moments, save_weights, set_moments, token_loss_sum, wrap)
 
 # ----------------------------------------------------------------------------- pure functions
 
