@@ -377,5 +377,12 @@ def calibration_texts(cfg, tok, d):
         t = t if cfg.calib_per_round else 1
         return [(t - 1) * cfg.calib_samples, t * cfg.calib_samples]
 
-    calibration.rows = rows
+    def check(last: int | None) -> None:  # the last round's rows exist: refused now, not after the earlier rounds
+        if cfg.calib_per_round and last:
+            load_rows(cfg.calib_data, n=cfg.calib_samples, seed=cfg.seed, offset=(last - 1) * cfg.calib_samples)
+            if cfg.protect_data:
+                load_rows(cfg.protect_data, n=cfg.protect_samples, seed=cfg.seed,
+                          offset=(last - 1) * cfg.protect_samples)
+
+    calibration.rows, calibration.check = rows, check
     return calibration

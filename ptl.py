@@ -558,6 +558,15 @@ def rounds_left(cfg: Config, left: dict, dense_width: int) -> int:
     return len(neuron_schedule(left["neurons"] or 0, step)) + math.ceil((left["layers"] or 0) / cfg.layer_step)
 
 
+def last_round(cfg: Config, state: LoopState) -> int | None:
+    """The round the loop will end with, where it is known at the start (--rounds, or a size target without
+    sigma thresholds); None where a threshold decides."""
+    planned = [cfg.rounds] if cfg.rounds else []
+    if cfg.target_ratio and cfg.sigma_neuron is None and cfg.sigma_layer is None:
+        planned.append(state.round + rounds_left(cfg, state.left, state.dense["intermediate_size"]))
+    return min(planned) if planned else None
+
+
 def prune_round(model, kind: str, s_neu: torch.Tensor, s_lay: torch.Tensor, cfg: Config,
                 state: LoopState) -> dict | None:
     """Algorithm 1 line 7: remove what this round's scores mark (neurons, layers, or with a baseline both at
@@ -597,6 +606,7 @@ def main(cfg: Config) -> dict:
     out = prepare_out(Path(cfg.out), d)
     model, tok, state = resume_or_start(cfg, d)
     calibration = calibration_texts(cfg, tok, d)
+    calibration.check(last_round(cfg, state))
     dense_eval = dense_evaluation(model, tok, cfg, out, state) if cfg.eval_every_round else None
     order = "once" if cfg.apply_removal or cfg.baseline != "none" else cfg.order  # one-cut methods: one round
     rcfg = baselines.one_cut_rule(cfg) if cfg.baseline != "none" else cfg  # the rule that rounds apply

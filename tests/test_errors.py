@@ -330,3 +330,14 @@ def test_a_limit_beyond_the_benchmark_and_new_tokens_beyond_the_positions_are_cl
 def test_every_script_refuses_a_bad_value_in_one_line_before_it_runs_anything(argv, message):
     p = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith(message) and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_calibration_rows_for_every_round_are_checked_before_round_one(tiny_dirs, tmp_path):
+    """--calib-per-round reads rows (t-1)n .. tn in round t: a file too short for the last round is refused at the
+    start, not after the rounds it could feed."""
+    data = tmp_path / "c.jsonl"
+    data.write_text("".join(f'{{"text": "calibration text {i}"}}\n' for i in range(10)))
+    with pytest.raises(ValueError, match="rows 16..20 were asked of .*which holds 10"):
+        ptl.main(ptl.Config(model=tiny_dirs["llama"], out=str(tmp_path / "out"), calib_data=str(data),
+                            calib_samples=4, calib_per_round=True, rounds=5, target_ratio=0.0, max_length=16))
+    assert not (tmp_path / "out" / "round_1").exists()
