@@ -75,7 +75,7 @@ def read_jsonl(path: str | Path) -> list[tuple[str, dict]]:
     return rows
 
 
-FILE_FORMATS = (".jsonl", ".json", ".parquet", ".txt")
+FILE_FORMATS = (".jsonl", ".json", ".parquet", ".txt")  # the local files _source_rows reads
 
 
 def check_sources(spec: str, flag: str) -> None:
@@ -109,7 +109,7 @@ def _source_rows(src: str, seed: int, split: str, check) -> typing.Sequence:
             raise ValueError(f"{p} is empty: it holds no records")
         return _Rows(ds, str(p))
     if p.exists():
-        raise ValueError(f"{p}: unknown data format; use .jsonl, .json, .parquet or .txt")
+        raise ValueError(f"{p}: unknown data format; use {', '.join(FILE_FORMATS)}")
     # "Salesforce/wikitext:wikitext-103-raw-v1" names a config; "bigcode/starcoderdata:data_dir=python" a subfolder
     name, _, config = src.partition(":")
     kw = {"data_dir": config.partition("=")[2]} if config.startswith("data_dir=") else {"name": config or None}

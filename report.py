@@ -70,7 +70,7 @@ def round_evals(rec: dict) -> list[str]:
 
 
 def reading(dense_eval: dict) -> str:
-    """How to read a run's quality lines: what "pruned" follows, and why accuracy from 0% is mostly the format."""
+    """How to read a run's quality lines: what "pruned" follows, and what accuracy from 0% on the dense model needs."""
     line = ("  reading: \"pruned\" is a round right after its cut, which follows the previous round's recovery; "
             "\"recovered\" is after its own recovery; gold log-prob (closer to 0 is better) moves before accuracy")
     if any(r.get("accuracy") == 0 for r in dense_eval.values()):
